@@ -1,0 +1,69 @@
+"""The denoiser protocol: D(x, sigma) ~ E[x0 | x] in EDM coordinates (x = x0 + sigma * eps)."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+__all__ = ["CountingDenoiser", "Denoiser", "ExactDenoiser"]
+
+
+class Denoiser(nn.Module, abc.ABC):
+    """A posterior-mean estimator over batches of shape ``(B, *event_shape)``.
+
+    ``sigma`` is a 0-d tensor (one noise level for the whole batch) or a ``(B,)`` tensor.
+    Samples never interact: the output for sample i depends on input i only, which is what makes
+    per-sample Hutchinson probes and per-sample Jacobians through a batched call valid.
+    """
+
+    name: str = "denoiser"
+    #: True when D is the exact posterior mean of a known distribution (the ideal denoiser).
+    exact: bool = False
+
+    def __init__(self, event_shape: tuple[int, ...], sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.event_shape = tuple(event_shape)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    @property
+    def dim(self) -> int:
+        """Dimension d of one sample."""
+        return int(torch.Size(self.event_shape).numel())
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x0_hat = D(x, sigma)."""
+
+    def per_sample_sigma(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """``sigma`` as a ``(B,)`` tensor in the dtype and device of ``x``."""
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
+
+
+class ExactDenoiser(Denoiser):
+    """An ideal denoiser with a closed-form Jacobian dD/dx (and hence an exact divergence)."""
+
+    exact = True
+
+    @abc.abstractmethod
+    def jacobian(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """dD/dx per sample, shape ``(B, d, d)`` over the flattened event."""
+
+    @abc.abstractmethod
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws from the data distribution whose posterior mean this denoiser is."""
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts network function evaluations (one batched call = 1 NFE)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.denoiser(x, sigma)

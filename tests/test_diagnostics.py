@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from steindiff import get_solver, initial_noise, load_model, make_sigmas, sample
+from steindiff.diagnostics import jacobian_rows, lipschitz_bound, local_lipschitz
+from steindiff.reference import reference_trajectory
+from steindiff.solvers import SolverOptions
+
+F64 = torch.float64
+
+
+def _step_map(model, solver, sigmas, k, history):
+    def fn(z):
+        return (
+            get_solver(solver)
+            .step(model, z, sigmas, k, tuple(h[: z.shape[0]] for h in history), SolverOptions())
+            .x_next
+        )
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def ring_states():
+    model = load_model("gmm-ring")
+    sigmas = make_sigmas("karras", 6).tolist()
+    run = sample(model, initial_noise(64, (2,), 80.0, seed=0, dtype=F64), sigmas, "ddim")
+    return model, sigmas, run.states
+
+
+@pytest.mark.parametrize("mode", ["jvp", "vjp2"])
+def test_power_iteration_matches_exact_spectral_norm_of_2x2_jacobians(ring_states, mode):
+    model, sigmas, states = ring_states
+    for k in (2, 3, 4):
+        x = states[k]
+        fn = _step_map(model, "ddim", sigmas, k, ())
+        exact = torch.linalg.matrix_norm(jacobian_rows(fn, x), ord=2)
+        power = local_lipschitz(fn, x, iters=20, generator=torch.Generator().manual_seed(0), mode=mode, exact_max_dim=0)
+        assert ((power - exact).abs() <= 0.05 * exact).all()
+        assert (power <= exact * (1 + 1e-9)).all()  # a lower bound
+        denoiser_exact = torch.linalg.matrix_norm(model.jacobian(x, sigmas[k]), ord=2)
+        denoiser_power = local_lipschitz(
+            lambda z, s=sigmas[k]: model(z, torch.tensor(s, dtype=F64)),
+            x,
+            20,
+            torch.Generator().manual_seed(1),
+            mode,
+            exact_max_dim=0,
+        )
+        assert torch.allclose(denoiser_power, denoiser_exact, rtol=0.05)
+
+
+def test_power_iteration_on_images_is_a_tight_lower_bound():
+    model = load_model("empirical-digits")
+    gen = torch.Generator().manual_seed(0)
+    x = model.sample(4, gen) + 0.5 * torch.randn(4, 1, 8, 8, dtype=F64, generator=gen)
+    exact = torch.linalg.matrix_norm(model.jacobian(x, 0.5), ord=2)
+    power = local_lipschitz(lambda z: model(z, torch.tensor(0.5, dtype=F64)), x, 30, torch.Generator().manual_seed(0))
+    assert (power <= exact * (1 + 1e-9)).all() and torch.allclose(power, exact, rtol=0.05)
+
+
+def test_the_paper_bound_holds_for_ddim_steps(ring_states):
+    """J_T = (s'/s) I + (1 - s'/s) J_D, so ||J_T|| <= s'/s + h L_D (here per sample, exactly)."""
+    model, sigmas, states = ring_states
+    for k in range(len(sigmas) - 2):
+        x = states[k]
+        step_l = local_lipschitz(_step_map(model, "ddim", sigmas, k, ()), x)
+        den_l = torch.linalg.matrix_norm(model.jacobian(x, sigmas[k]), ord=2)
+        for sl, dl in zip(step_l.tolist(), den_l.tolist(), strict=True):
+            assert sl <= lipschitz_bound(sigmas[k], sigmas[k + 1], dl) + 1e-9
+    assert lipschitz_bound(1.0, 0.0, 3.0) == math.inf
+    assert lipschitz_bound(1.0, 0.5, 2.0) == pytest.approx(0.5 + math.log(2) * 2.0)
+
+
+def test_reference_matches_the_closed_form_flow_of_a_gaussian():
+    """For N(mu, Sigma) the flow is x(s) = mu + (Sigma + s^2 I)^(1/2) (Sigma + s0^2 I)^(-1/2) (x0 - mu)."""
+    model = load_model("gaussian")
+    mu, cov = model.means[0], model.covs[0]
+    evals, evecs = torch.linalg.eigh(cov)
+    sigmas = make_sigmas("karras", 5, 0.002, 20.0).tolist()
+    x = initial_noise(16, (2,), sigmas[0], seed=1, dtype=F64)
+    ref = reference_trajectory(model, x, sigmas)
+    for s, state in zip(sigmas, ref, strict=True):
+        gain = evecs @ torch.diag(((evals + s**2) / (evals + sigmas[0] ** 2)).sqrt()) @ evecs.T
+        assert torch.allclose(state, mu + (x - mu) @ gain.T, atol=1e-8)
+
+
+def test_reference_has_converged(ring_states):
+    model, sigmas, states = ring_states
+    coarse = reference_trajectory(model, states[0], sigmas)
+    fine = reference_trajectory(model, states[0], sigmas, max_log_step=0.0125)
+    assert max(float((a - b).abs().max()) for a, b in zip(coarse, fine, strict=True)) < 1e-6

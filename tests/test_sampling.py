@@ -1,0 +1,129 @@
+import json
+import math
+
+import pytest
+import torch
+
+from steindiff import DiagnosticsConfig, SteinConfig, compare, initial_noise, load_model, make_sigmas, sample
+
+REQUIRED = {"sigma", "sigma_next", "gamma_raw", "gamma", "s_xu", "s_uu", "s_div", "lipschitz_max", "err_ref", "nfe"}
+
+
+def _ring_compare(solver="dpmpp_2m", steps=5, stein=None, batch=256, seed=0, **diag):
+    model = load_model("gmm-ring")
+    sigmas = make_sigmas("karras", steps)
+    x = initial_noise(batch, model.event_shape, float(sigmas[0]), seed)
+    return compare(model, x, sigmas, solver, stein or SteinConfig(), diagnostics=DiagnosticsConfig(**diag), seed=seed)
+
+
+def test_noise_depends_only_on_seed_and_index():
+    big = initial_noise(10, (1, 3, 3), 2.0, seed=7)
+    assert torch.equal(initial_noise(4, (1, 3, 3), 2.0, seed=7), big[:4])
+    assert torch.equal(initial_noise(3, (1, 3, 3), 2.0, seed=7, first_index=4), big[4:7])
+    assert not torch.equal(initial_noise(4, (1, 3, 3), 2.0, seed=8), big[:4])
+    with pytest.raises(ValueError, match="batch"):
+        initial_noise(0, (2,), 1.0, seed=0)
+
+
+def test_same_seed_same_samples_and_trace():
+    first, second = _ring_compare(batch=64), _ring_compare(batch=64)
+    for a, b in ((first.vanilla, second.vanilla), (first.stein, second.stein)):
+        assert torch.equal(a.samples, b.samples)
+        assert [r.gamma_raw for r in a.trace] == [r.gamma_raw for r in b.trace]
+        assert [r.lipschitz_max for r in a.trace] == [r.lipschitz_max for r in b.trace]
+    other = _ring_compare(batch=64, seed=1)
+    assert not torch.equal(other.stein.samples, first.stein.samples)
+
+
+def test_trace_has_every_quantity_and_serialises():
+    result = _ring_compare()
+    for run in (result.vanilla, result.stein):
+        summary = run.summary()
+        json.dumps(summary, allow_nan=False)
+        assert len(summary["trace"]) == 5 and summary["nfe_total"] == 5
+        for record in summary["trace"]:
+            assert set(record) >= REQUIRED
+            assert record["lipschitz_max"] is not None and record["lipschitz_flow_max"] is not None
+        assert summary["final"]["err_ref"] == pytest.approx(run.trace[-1].err_ref)
+        assert len(run.states) == 6 and len(run.denoised) == 5
+    # the vanilla run records what the rule would have proposed, and applies gamma = 1
+    assert all(r.gamma == 1 and r.gamma_raw is not None for r in result.vanilla.trace)
+    assert result.vanilla.trace[0].gamma_raw == pytest.approx(result.stein.trace[0].gamma_raw)
+
+
+def test_error_to_reference_shrinks_with_nfe():
+    errors = [_ring_compare(steps=n, lipschitz=False).vanilla.final_err_ref for n in (5, 20, 80)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_the_literal_rule_explodes_on_the_exact_ring_and_the_cap_holds():
+    """The known failure (DESIGN section 4): gamma ~ sigma_k/(sigma_k - sigma_{k-1}) at the first step,
+    then a blow-up once the first corrected step has landed near the posterior mean."""
+    literal = _ring_compare(lipschitz=False)
+    sigmas = literal.sigmas
+    assert literal.stein.trace[0].gamma_raw == pytest.approx(sigmas[0] / (sigmas[0] - sigmas[1]), rel=0.05)
+    assert literal.stein.trace[1].gamma_raw > 10
+    assert literal.stein.final_err_ref > 10 * literal.vanilla.final_err_ref
+    capped = _ring_compare(stein=SteinConfig(gamma_max=1.0), lipschitz=False)
+    assert all(0.1 <= r.gamma <= 1.0 for r in capped.stein.trace)
+    assert capped.stein.final_err_ref < 2 * capped.vanilla.final_err_ref
+
+
+def test_lipschitz_of_the_corrected_map_includes_gamma():
+    """At the first step the corrected map is (1 - g) x + g T(x): in 2-D its norm is exact."""
+    result = _ring_compare(steps=3, lipschitz=True, batch=32)
+    van, cor = result.vanilla.trace[0], result.stein.trace[0]
+    ratio = result.sigmas[1] / result.sigmas[0]  # T is nearly linear at sigma = 80: J_T ~ ratio * I
+    assert van.lipschitz_max == pytest.approx(ratio, rel=0.05)
+    assert cor.lipschitz_max == pytest.approx(abs(1 - cor.gamma + cor.gamma * ratio), rel=0.05)
+
+
+def test_a_diverging_run_is_a_result_not_a_crash():
+    model = load_model("gmm-ring")
+    sigmas = make_sigmas("karras", 4)
+    x = initial_noise(16, (2,), 80.0, seed=0)
+    x[3, 0] = math.nan
+    result = compare(model, x, sigmas, "heun", SteinConfig(), diagnostics=DiagnosticsConfig(flow_lipschitz=False))
+    for run in (result.vanilla, result.stein):
+        summary = run.summary()
+        json.dumps(summary, allow_nan=False)
+        assert run.first_nonfinite_step == 0
+        assert summary["final"]["nonfinite_samples"] >= 1
+        assert summary["trace"][0]["finite"] is False
+
+
+@pytest.mark.parametrize(
+    "stein",
+    [
+        SteinConfig(variant="per_sample", gamma_max=2.0),
+        SteinConfig(coords="vp"),
+        SteinConfig(probe="gaussian", probes=2),
+        SteinConfig(probe="exact"),
+    ],
+)
+def test_variants_run_and_record(stein):
+    result = _ring_compare(stein=stein, batch=64, lipschitz=False)
+    assert len(result.stein.trace) == 5
+    assert all(r.s_uu is not None and r.s_div is not None for r in result.stein.trace)
+
+
+def test_image_model_with_hutchinson_and_power_iteration():
+    model = load_model("empirical-digits")
+    sigmas = make_sigmas("karras", 3)
+    x = initial_noise(8, model.event_shape, float(sigmas[0]), seed=0)
+    result = compare(
+        model,
+        x,
+        sigmas,
+        "dpmpp_2m",
+        SteinConfig(gamma_max=1.0, probes=2),
+        diagnostics=DiagnosticsConfig(lipschitz_samples=2, lipschitz_iters=5, flow_lipschitz=False),
+    )
+    assert result.stein.samples.shape == (8, 1, 8, 8)
+    assert all(r.lipschitz_max is not None and r.err_ref is not None for r in result.stein.trace)
+
+
+def test_bad_grid_is_refused():
+    model = load_model("gmm-ring")
+    with pytest.raises(ValueError, match="decreasing"):
+        sample(model, torch.zeros(2, 2), [1.0, 2.0, 0.0])
