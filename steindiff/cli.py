@@ -7,20 +7,23 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 
-from .denoisers import MODELS, load_model
-from .sampling import Comparison, DiagnosticsConfig, compare, initial_noise
-from .schedules import SCHEDULES, make_sigmas
-from .solvers import SOLVERS, SolverOptions, get_solver
+from .denoisers import MODELS
+from .experiment import Experiment, Limits, ModelCatalog, run_experiment
+from .images import image_grid, save_png, side_by_side
+from .metrics import train_classifier
+from .sampling import DiagnosticsConfig
+from .schedules import SCHEDULES
+from .solvers import SOLVERS, SolverOptions
 from .stein import SteinConfig
+from .train import TrainConfig, train
 
-MAX_NFE = 1000
-MAX_BATCH = 100_000
+MAX_NFE = Limits.max_nfe
+MAX_BATCH = Limits.max_batch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,17 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--lipschitz-samples", type=_int_in(1, 4096), default=8)
     diag.add_argument("--lipschitz-iters", type=_int_in(1, 1000), default=20)
     diag.add_argument("--no-reference", action="store_true", help="skip the reference trajectory and err_ref")
+    diag.add_argument("--reference-samples", type=_int_in(1, MAX_BATCH), help="err_ref on the first N samples only")
     diag.add_argument("--jacobian-mode", choices=("jvp", "vjp2"), default="jvp")
     run.add_argument("--out", type=Path, help="write the JSON result here (default: stdout summary only)")
+    run.add_argument("--grid", type=Path, help="image models: PNG of up to 64 final samples, vanilla | stein")
+    run.add_argument("--no-score", action="store_true", help="skip FD-MNIST and confidence for digit models")
+
+    fit = commands.add_parser("train", help="train a model with the EDM loss (mnist, mlp-ring, ...)")
+    fit.add_argument("--model", required=True, help="mnist, or mlp-<preset> for a 2-D mixture preset")
+    fit.add_argument("--steps", type=_int_in(1, 10**7), default=TrainConfig.steps)
+    fit.add_argument("--batch", type=_int_in(1, 65536), default=TrainConfig.batch)
+    fit.add_argument("--lr", type=_positive, default=TrainConfig.lr)
+    fit.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=TrainConfig.seed)
+    fit.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, loss log")
+    fit.add_argument("--export", type=Path, help="write the EMA weights here (safetensors)")
+    fit.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    clf = commands.add_parser("train-classifier", help="train the FD-MNIST classifier and its reference statistics")
+    clf.add_argument("--epochs", type=_int_in(1, 1000), default=15)
+    clf.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     return parser
 
 
-def _config(args: argparse.Namespace) -> tuple:
-    get_solver(args.solver)
-    if args.model not in MODELS:
-        raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
-    if args.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {args.schedule!r}; choose from {', '.join(SCHEDULES)}")
+def experiment_from_args(args: argparse.Namespace) -> Experiment:
+    """The :class:`Experiment` described by ``sample``'s arguments (settings validated on construction)."""
     stein = SteinConfig(  # validated even without --stein: a bad setting is an error either way
         gamma_min=args.gamma_min,
         gamma_max=args.gamma_max,
@@ -111,58 +128,45 @@ def _config(args: argparse.Namespace) -> tuple:
         coords=args.coords,
         variant=args.variant,
     )
-    options = SolverOptions(
-        lower_order_final=not args.no_lower_order_final,
-        unipc_order=args.unipc_order,
-        unipc_variant=args.unipc_variant,
-        unipc_corrector=not args.no_unipc_corrector,
+    return Experiment(
+        model=args.model,
+        solver=args.solver,
+        schedule=args.schedule,
+        nfe=args.nfe,
+        batch=args.batch,
+        seed=args.seed,
+        stein=stein if args.stein else None,
+        options=SolverOptions(
+            lower_order_final=not args.no_lower_order_final,
+            unipc_order=args.unipc_order,
+            unipc_variant=args.unipc_variant,
+            unipc_corrector=not args.no_unipc_corrector,
+        ),
+        diagnostics=DiagnosticsConfig(
+            lipschitz=not args.no_lipschitz,
+            lipschitz_samples=args.lipschitz_samples,
+            lipschitz_iters=args.lipschitz_iters,
+            reference=not args.no_reference,
+            reference_samples=args.reference_samples,
+            jacobian_mode=args.jacobian_mode,
+        ),
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
+        device=args.device,
+        dtype=args.dtype,
+        score=not args.no_score,
     )
-    diagnostics = DiagnosticsConfig(
-        lipschitz=not args.no_lipschitz,
-        lipschitz_samples=args.lipschitz_samples,
-        lipschitz_iters=args.lipschitz_iters,
-        reference=not args.no_reference,
-        jacobian_mode=args.jacobian_mode,
-    )
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {args.device!r} requested but CUDA is not available")
-    return (stein if args.stein else None), options, diagnostics
 
 
 def run_sample(args: argparse.Namespace) -> dict:
-    """Run the comparison described by parsed arguments and return the JSON-ready result."""
-    stein, options, diagnostics = _config(args)
-    dtype = getattr(torch, args.dtype)
-    model = load_model(args.model).to(args.device)
-    sigma_min = args.sigma_min or model.sigma_min
-    sigma_max = args.sigma_max or model.sigma_max
-    if sigma_min > sigma_max:
-        raise ValueError(f"--sigma-min ({sigma_min}) exceeds --sigma-max ({sigma_max})")
-    spec = get_solver(args.solver)
-    sigmas = make_sigmas(args.schedule, spec.steps_for_nfe(args.nfe), sigma_min, sigma_max)
-    noise = initial_noise(args.batch, model.event_shape, float(sigmas[0]), args.seed, dtype, args.device)
-    result: Comparison = compare(
-        model, noise, sigmas, args.solver, stein, options=options, diagnostics=diagnostics, seed=args.seed
-    )
-    config = {
-        "model": args.model,
-        "solver": args.solver,
-        "schedule": args.schedule,
-        "nfe_requested": args.nfe,
-        "steps": len(result.sigmas) - 1,
-        "batch": args.batch,
-        "seed": args.seed,
-        "device": str(args.device),
-        "dtype": args.dtype,
-        "solver_options": asdict(options),
-        "stein": None
-        if stein is None
-        else {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(stein).items()},
-    }
-    out = {"config": config, "sigmas": result.sigmas, "vanilla": result.vanilla.summary()}
-    if result.stein is not None:
-        out["stein"] = result.stein.summary()
-    return out
+    """Run the comparison described by parsed arguments, write the grid if asked, return the JSON."""
+    result = run_experiment(experiment_from_args(args), ModelCatalog())
+    if args.grid is not None:
+        if len(result.model.event_shape) != 3:
+            raise ValueError("--grid needs an image model")
+        grids = [image_grid(run.samples[:64], scale=2) for run in result.runs().values()]
+        save_png(args.grid, side_by_side(grids))
+    return result.to_json()
 
 
 def _fmt(value: float | None) -> str:
@@ -194,10 +198,25 @@ def print_summary(out: dict) -> None:
         )
 
 
+def run_train(args: argparse.Namespace) -> int:
+    """Train (or resume) and report where the weights went."""
+    config = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    trained = train(args.model, config, args.out, export=args.export, device=args.device, resume=args.resume)
+    print(json.dumps(trained.info, indent=1))
+    if args.export is not None:
+        print(f"wrote {args.export}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "train-classifier":
+            print(json.dumps(train_classifier(epochs=args.epochs, seed=args.seed), indent=1))
+            return 0
         out = run_sample(args)
     except ValueError as err:
         parser.exit(2, f"steindiff: error: {err}\n")

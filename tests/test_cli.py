@@ -77,7 +77,7 @@ def test_vanilla_only_without_stein(capsys):
         (["--gamma-min", "2", "--gamma-max", "1"], "gamma_min (2.0) must not exceed gamma_max (1.0)"),
         (["--gamma-min", "nan"], "NaN"),
         (["--probes", "0"], "--probes"),
-        (["--sigma-min", "5", "--sigma-max", "1"], "--sigma-min"),
+        (["--sigma-min", "5", "--sigma-max", "1"], "sigma_min (5.0) exceeds sigma_max (1.0)"),
         (["--device", "cuda:7"], "CUDA"),
     ],
 )

@@ -3,9 +3,13 @@
 from .base import CountingDenoiser, Denoiser, ExactDenoiser
 from .empirical import EmpiricalDenoiser, load_digits8, load_mnist
 from .gmm import GMM_PRESETS, GaussianMixture, gmm_preset
-from .registry import MODELS, ModelInfo, load_model
+from .networks import PreconditionedDenoiser
+from .registry import ASSETS, DEFAULT_IMAGE_MODEL, MODELS, ModelInfo, load_model
+from .weights import WeightsError, load_denoiser, save_denoiser
 
 __all__ = [
+    "ASSETS",
+    "DEFAULT_IMAGE_MODEL",
     "GMM_PRESETS",
     "MODELS",
     "CountingDenoiser",
@@ -14,8 +18,12 @@ __all__ = [
     "ExactDenoiser",
     "GaussianMixture",
     "ModelInfo",
+    "PreconditionedDenoiser",
+    "WeightsError",
     "gmm_preset",
+    "load_denoiser",
     "load_digits8",
     "load_mnist",
     "load_model",
+    "save_denoiser",
 ]

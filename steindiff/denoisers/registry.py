@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .base import Denoiser
 from .empirical import EmpiricalDenoiser, load_digits8, load_mnist
 from .gmm import GMM_PRESETS, gmm_preset
+from .weights import load_denoiser
 
-__all__ = ["MODELS", "ModelInfo", "load_model"]
+__all__ = ["ASSETS", "DEFAULT_IMAGE_MODEL", "MODELS", "ModelInfo", "load_model"]
+
+#: shipped weights, model cards and metric files
+ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+DEFAULT_IMAGE_MODEL = "mnist"
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,21 @@ def _empirical_digits() -> Denoiser:
     return EmpiricalDenoiser(load_digits8()[0], name="empirical-digits")
 
 
+def _shipped(name: str) -> Callable[[], Denoiser]:
+    return lambda: load_denoiser(ASSETS / f"{name}.safetensors")
+
+
 MODELS: dict[str, ModelInfo] = {
+    "mnist": ModelInfo("mnist", _shipped("mnist"), "UNet trained by this project on the 5,000 MNIST digits", "image"),
+    **{
+        f"mlp-{preset.removeprefix('gmm-')}": ModelInfo(
+            f"mlp-{preset.removeprefix('gmm-')}",
+            _shipped(f"mlp-{preset.removeprefix('gmm-')}"),
+            f"MLP trained on the {preset} mixture (its exact denoiser is the truth)",
+            "2d",
+        )
+        for preset in ("gmm-ring", "gmm-aniso", "gmm-moons")
+    },
     **{
         name: ModelInfo(name, lambda name=name: gmm_preset(name), f"exact 2-D mixture: {text}", "2d")
         for name, (_, text) in GMM_PRESETS.items()
@@ -45,7 +65,7 @@ MODELS: dict[str, ModelInfo] = {
 
 
 def load_model(name: str) -> Denoiser:
-    """Build the registered model ``name`` (on the CPU, float64 buffers; move it with ``.to``)."""
+    """Build the registered model ``name`` on the CPU (move it with ``.to``); trained ones load from ``assets/``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     return MODELS[name].build().eval()

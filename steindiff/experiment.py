@@ -1,0 +1,195 @@
+"""One validated comparison, as the CLI and the app describe it, and its JSON-ready result."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .denoisers import MODELS, Denoiser, load_denoiser, load_model
+from .metrics import DIGIT_SHAPE, load_classifier, score_digits
+from .sampling import Comparison, DiagnosticsConfig, StepRecord, compare, initial_noise
+from .schedules import SCHEDULES, make_sigmas
+from .solvers import SOLVERS, SolverOptions, get_solver
+from .stein import SteinConfig
+
+__all__ = ["Experiment", "ExperimentResult", "Limits", "ModelCatalog", "run_experiment"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (the CLI is generous; a shared server is not)."""
+
+    max_nfe: int = 1000
+    max_batch: int = 100_000
+    max_image_batch: int = 100_000
+    max_probes: int = 256
+    max_lipschitz_samples: int = 4096
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything a user sets for one vanilla-vs-Stein comparison. ``stein`` None: vanilla only."""
+
+    model: str
+    solver: str = "dpmpp_2m"
+    schedule: str = "karras"
+    nfe: int = 5
+    batch: int = 64
+    seed: int = 0
+    stein: SteinConfig | None = field(default_factory=SteinConfig)
+    options: SolverOptions = field(default_factory=SolverOptions)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    score: bool = True
+
+    def check(self, models: ModelCatalog, limits: Limits = Limits()) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if self.model not in models.names():
+            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(models.names())}")
+        get_solver(self.solver)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        _check_int("nfe", self.nfe, 1, limits.max_nfe)
+        image = models.kind(self.model) == "image"
+        _check_int("batch", self.batch, 1, limits.max_image_batch if image else limits.max_batch)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.stein is not None:
+            _check_int("probes", self.stein.probes, 1, limits.max_probes)
+        _check_int("lipschitz_samples", self.diagnostics.lipschitz_samples, 1, limits.max_lipschitz_samples)
+        for name in ("sigma_min", "sigma_max"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be positive and finite, got {value}")
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min > self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) exceeds sigma_max ({self.sigma_max})")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def config_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready data (infinite numbers as the string 'inf')."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and not math.isfinite(value):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            return value
+
+        return clean(asdict(self))
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+class ModelCatalog:
+    """The registry plus models given on a server's command line (safetensors files); loads each once."""
+
+    def __init__(self, extra: Mapping[str, Path] | None = None):
+        self.extra = dict(extra or {})
+        clash = set(self.extra) & set(MODELS)
+        if clash:
+            raise ValueError(f"extra model names clash with the registry: {sorted(clash)}")
+        self._loaded: dict[tuple[str, str], Denoiser] = {}
+        self._kinds: dict[str, str] = {}
+
+    def names(self) -> list[str]:
+        return [*MODELS, *self.extra]
+
+    def kind(self, name: str) -> str:
+        """'2d' or 'image'."""
+        if name in MODELS:
+            return MODELS[name].kind
+        if name not in self._kinds:
+            self._kinds[name] = "image" if len(self.get(name).event_shape) == 3 else "2d"
+        return self._kinds[name]
+
+    def get(self, name: str, device: str = "cpu") -> Denoiser:
+        key = (name, device)
+        if key not in self._loaded:
+            model = load_model(name) if name in MODELS else load_denoiser(self.extra[name])
+            self._loaded[key] = model.to(device)
+        return self._loaded[key]
+
+
+@dataclass
+class ExperimentResult:
+    """The comparison, the model it ran on, and the digit scores of each run (when they apply)."""
+
+    experiment: Experiment
+    model: Denoiser
+    comparison: Comparison
+    scores: dict[str, dict[str, Any]]
+
+    def runs(self) -> dict[str, Any]:
+        out = {"vanilla": self.comparison.vanilla}
+        if self.comparison.stein is not None:
+            out["stein"] = self.comparison.stein
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """``config``, ``sigmas``, and per run ``trace``, ``final`` (with digit scores) and ``nfe_total``."""
+        out: dict[str, Any] = {
+            "config": {**self.experiment.config_dict(), "steps": len(self.comparison.sigmas) - 1},
+            "sigmas": self.comparison.sigmas,
+        }
+        for name, run in self.runs().items():
+            summary = run.summary()
+            summary["final"].update(self.scores.get(name, {}))
+            out[name] = summary
+        return out
+
+
+def run_experiment(
+    experiment: Experiment,
+    models: ModelCatalog,
+    limits: Limits = Limits(),
+    callback: Callable[[str, StepRecord], None] | None = None,
+) -> ExperimentResult:
+    """Validate, build the grid and the noise, run vanilla and corrected, and score digit samples."""
+    experiment.check(models, limits)
+    model = models.get(experiment.model, experiment.device)
+    sigma_min = experiment.sigma_min or model.sigma_min
+    sigma_max = experiment.sigma_max or model.sigma_max
+    if sigma_min > sigma_max:
+        raise ValueError(f"sigma_min ({sigma_min}) exceeds sigma_max ({sigma_max})")
+    steps = SOLVERS[experiment.solver].steps_for_nfe(experiment.nfe)
+    sigmas = make_sigmas(experiment.schedule, steps, sigma_min, sigma_max)
+    dtype = getattr(torch, experiment.dtype)
+    noise = initial_noise(
+        experiment.batch, model.event_shape, float(sigmas[0]), experiment.seed, dtype, experiment.device
+    )
+    comparison = compare(
+        model,
+        noise,
+        sigmas,
+        experiment.solver,
+        experiment.stein,
+        options=experiment.options,
+        diagnostics=experiment.diagnostics,
+        seed=experiment.seed,
+        callback=callback,
+    )
+    scores: dict[str, dict[str, Any]] = {}
+    if experiment.score and model.event_shape == DIGIT_SHAPE and experiment.batch >= 2:
+        classifier = load_classifier()
+        for name, run in (("vanilla", comparison.vanilla), ("stein", comparison.stein)):
+            if run is not None:
+                s = score_digits(run.samples, classifier)
+                scores[name] = {"fd_mnist": s.fd, "confidence": s.confidence, "classes": s.class_counts}
+    return ExperimentResult(experiment, model, comparison, scores)
