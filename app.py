@@ -1,12 +1,455 @@
-"""The Gradio app (vanilla vs Stein side by side) arrives with the app issue; until then, the CLI.
+"""steindiff in the browser: vanilla and Stein-corrected samplers side by side, from the same noise.
 
-    python -m steindiff sample --model gmm-ring --solver dpmpp_2m --nfe 5 --stein --out result.json
+    python app.py [--host 127.0.0.1] [--port 7860] [--model NAME=weights.safetensors ...]
+
+UI only: layout, callbacks, URL state, downloads. The runs, figures and images come from ``steindiff``.
 """
 
-import sys
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gradio as gr
+import torch
+
+from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL, WeightsError
+from steindiff.experiment import Experiment, ExperimentResult, Limits, ModelCatalog, run_experiment
+from steindiff.images import save_png, side_by_side
+from steindiff.plots import diagnostics_figure, image_views, particles_figure, steps_csv, summary_markdown
+from steindiff.sampling import DiagnosticsConfig
+from steindiff.schedules import SCHEDULES
+from steindiff.solvers import SOLVERS
+from steindiff.stein import SteinConfig
+
+#: system fonts only: the default theme would fetch web fonts from outside the machine
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+LIMITS = Limits(max_nfe=100, max_batch=4096, max_image_batch=256, max_probes=16, max_lipschitz_samples=64)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+EXPLANATION = """
+### The contractivity trap, in one paragraph
+An ODE sampler maps the state x_k to x_(k-1) = T(x_k). If T is contractive (local Lipschitz
+constant L < 1), an error made at one step shrinks at the next; if L > 1 it is multiplied. With
+few, large steps and a sharp denoiser, L rises above 1 (orange region of the Lipschitz panel) and
+the errors compound: the red/blue curves of *error to the reference* climb instead of falling.
+The paper bounds L <= sigma'/sigma + h L_D (dashed).
+
+### The Stein correction
+SteinDiff replaces T(x_k) by (1 - gamma) x_k + gamma T(x_k), with gamma chosen in closed form to
+minimise the expected squared error to the clean sample, using Stein's identity:
+gamma = sigma^2 s_div / s_uu in EDM coordinates. Nothing is trained and no network evaluation is
+added. **It is not always a fix**: the literal rule (no upper clip) rescues some settings (try
+*Stein rescues 3-step Heun*) and explodes others (try *literal rule diverges*): after a step with
+gamma > 1 the state sits near the posterior mean, the residual u becomes tiny while the divergence
+does not, and gamma blows up. The hollow blue markers show what the rule would have proposed
+along the vanilla trajectory.
+
+The exact-flow curve (green, exact models only) is the Lipschitz constant of the true ODE flow
+between the same noise levels: the true flow also expands between modes, so L > 1 alone is not a
+solver failure; L far above the exact flow is.
+"""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "safe: 32 NFE": {
+        "solver": "dpmpp_2m",
+        "schedule": "karras",
+        "nfe": 32,
+        "stein_on": True,
+        "literal": False,
+        "gamma_max": 1.0,
+    },
+    "trap: 4 NFE Euler": {
+        "solver": "ddim",
+        "schedule": "karras",
+        "nfe": 4,
+        "stein_on": True,
+        "literal": False,
+        "gamma_max": 1.0,
+    },
+    "Stein rescues 3-step Heun (5 NFE)": {
+        "solver": "heun",
+        "schedule": "logsnr",
+        "nfe": 5,
+        "stein_on": True,
+        "literal": True,
+    },
+    "literal rule diverges": {"solver": "dpmpp_2m", "schedule": "karras", "nfe": 10, "stein_on": True, "literal": True},
+}
+
+#: (name, default) of the settings, in the order of the /run endpoint's parameters and of the URL
+SETTINGS: list[tuple[str, Any]] = [
+    ("model", DEFAULT_IMAGE_MODEL),
+    ("solver", "dpmpp_2m"),
+    ("schedule", "karras"),
+    ("nfe", 5),
+    ("batch", 16),
+    ("seed", 0),
+    ("stein_on", True),
+    ("gamma_min", 0.1),
+    ("gamma_max", 1.0),
+    ("literal", True),
+    ("probes", 2),
+    ("probe", "rademacher"),
+    ("coords", "edm"),
+    ("variant", "batch"),
+    ("lipschitz", True),
+    ("reference", True),
+]
+
+
+@dataclass
+class Shown:
+    """What a run left for the step scrubber: the result and the step being shown."""
+
+    result: ExperimentResult
+    step: int
+
+
+def build_experiment(
+    catalog: ModelCatalog,
+    model: str,
+    solver: str,
+    schedule: str,
+    nfe: float,
+    batch: float,
+    seed: float,
+    stein_on: bool,
+    gamma_min: float,
+    gamma_max: float,
+    literal: bool,
+    probes: float,
+    probe: str,
+    coords: str,
+    variant: str,
+    lipschitz: bool,
+    reference: bool,
+) -> Experiment:
+    """The settings of the form (or of the /run call) as a validated Experiment; ValueError names the problem."""
+    numbers = {
+        "nfe": nfe,
+        "batch": batch,
+        "seed": seed,
+        "probes": probes,
+        "gamma_min": gamma_min,
+        "gamma_max": gamma_max,
+    }
+    for name, value in numbers.items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            raise ValueError(f"{name} must be a number, got {value}")
+    for name in ("nfe", "batch", "seed", "probes"):
+        if float(numbers[name]) != int(numbers[name]):
+            raise ValueError(f"{name} must be a whole number, got {numbers[name]}")
+    image = model in catalog.names() and catalog.kind(model) == "image"
+    stein = SteinConfig(
+        gamma_min=float(gamma_min),
+        gamma_max=math.inf if literal else float(gamma_max),
+        probes=int(probes),
+        probe=probe,
+        coords=coords,
+        variant=variant,
+    )
+    # interactive budgets: a few samples for the Lipschitz estimates, a subset for the reference error
+    diagnostics = DiagnosticsConfig(
+        lipschitz=bool(lipschitz),
+        lipschitz_samples=4,
+        lipschitz_iters=8 if image else 20,
+        flow_log_step=0.25,
+        reference=bool(reference),
+        reference_samples=4 if image else 64,
+        reference_log_step=0.25 if image else 0.1,
+    )
+    return Experiment(
+        model=model,
+        solver=solver,
+        schedule=schedule,
+        nfe=int(nfe),
+        batch=int(batch),
+        seed=int(seed),
+        stein=stein if stein_on else None,
+        diagnostics=diagnostics,
+        device=DEVICE,
+    )
+
+
+def render(shown: Shown) -> tuple:
+    """Every view at the shown step: images (or particles), the diagnostics, the step's label."""
+    result, step = shown.result, shown.step
+    image = len(result.model.event_shape) == 3
+    empty = gr.update(value=None, visible=image)
+    if image:
+        views = image_views(result, step)
+        stein_state = views.get("stein_state", views["vanilla_state"])
+        images = (
+            views["vanilla_state"],
+            stein_state,
+            (views["vanilla_state"], stein_state),
+            views["vanilla_x0"],
+            views.get("stein_x0", views["vanilla_x0"]),
+        )
+        particles = gr.update(value=None, visible=False)
+    else:
+        images = (empty,) * 5
+        particles = gr.update(value=particles_figure(result, step), visible=True)
+    sigmas = result.comparison.sigmas
+    label = f"step {step} of {len(sigmas) - 1}: sigma = {sigmas[step]:.4g}"
+    return (*images, particles, diagnostics_figure(result, step), label)
+
+
+def write_download(result: ExperimentResult) -> str:
+    """A zip of the run: config and summary JSON, the per-step CSV, PNGs of the final samples."""
+    folder = Path(tempfile.mkdtemp(prefix="steindiff-run-"))
+    path = folder / f"steindiff-{result.experiment.model}-{result.experiment.solver}-nfe{result.experiment.nfe}.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("run.json", json.dumps(result.to_json(), indent=1, allow_nan=False))
+        archive.writestr("steps.csv", steps_csv(result))
+        if len(result.model.event_shape) == 3:
+            final = image_views(result, len(result.comparison.sigmas) - 1, count=64)
+            for name in result.runs():
+                png = folder / f"{name}.png"
+                save_png(png, final[f"{name}_state"])
+                archive.write(png, png.name)
+            save_png(folder / "side_by_side.png", side_by_side([final[f"{n}_state"] for n in result.runs()]))
+            archive.write(folder / "side_by_side.png", "side_by_side.png")
+    return str(path)
+
+
+def make_app(catalog: ModelCatalog) -> gr.Blocks:
+    """The Blocks app over a model catalog (the registry plus models given on the command line)."""
+    names = catalog.names()
+    default_model = DEFAULT_IMAGE_MODEL if (ASSETS / f"{DEFAULT_IMAGE_MODEL}.safetensors").exists() else "gmm-ring"
+
+    def run(
+        model: str,
+        solver: str,
+        schedule: str,
+        nfe: float,
+        batch: float,
+        seed: float,
+        stein_on: bool,
+        gamma_min: float,
+        gamma_max: float,
+        literal: bool,
+        probes: float,
+        probe: str,
+        coords: str,
+        variant: str,
+        lipschitz: bool,
+        reference: bool,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio's idiom)
+    ) -> tuple:
+        """Run vanilla and (optionally) Stein from the same noise; returns every view and a summary."""
+        settings = (
+            model,
+            solver,
+            schedule,
+            nfe,
+            batch,
+            seed,
+            stein_on,
+            gamma_min,
+            gamma_max,
+            literal,
+            probes,
+            probe,
+            coords,
+            variant,
+            lipschitz,
+            reference,
+        )
+        try:
+            experiment = build_experiment(catalog, *settings)
+            experiment.check(catalog, LIMITS)
+        except (ValueError, TypeError) as err:
+            raise gr.Error(str(err)) from None
+        total = 2 * (SOLVERS[experiment.solver].steps_for_nfe(experiment.nfe)) if experiment.stein else None
+
+        def tick(label: str, record: Any) -> None:
+            done = record.step + 1 + (total // 2 if label == "stein" and total else 0)
+            progress((done, total or record.step + 1), desc=f"{label}: step {record.step + 1}")
+
+        try:
+            result = run_experiment(experiment, catalog, LIMITS, callback=tick)
+        except (ValueError, WeightsError) as err:
+            raise gr.Error(str(err)) from None
+        last = len(result.comparison.sigmas) - 1
+        shown = Shown(result, last)
+        summary = result.to_json()
+        summary.pop("sigmas")
+        for run_name in result.runs():
+            summary[run_name].pop("trace")
+        return (
+            summary_markdown(result),
+            *render(shown),
+            gr.update(maximum=last, value=last),
+            summary,
+            write_download(result),
+            shown,
+        )
+
+    def scrub(shown: Shown | None, step: float) -> tuple:
+        if shown is None:
+            raise gr.Error("run a comparison first")
+        shown = Shown(shown.result, int(step))
+        return (*render(shown), shown)
+
+    def apply_preset(name: str) -> tuple:
+        preset = PRESETS.get(name, {})
+        keys = [key for key, _ in SETTINGS]
+        return tuple(gr.update(value=preset[key]) if key in preset else gr.update() for key in keys)
+
+    def from_url(request: gr.Request) -> tuple:
+        params = dict(request.query_params) if request is not None else {}
+        updates = []
+        for key, default in SETTINGS:
+            if key not in params:
+                updates.append(gr.update())
+                continue
+            text = params[key]
+            try:
+                value = (text.lower() == "true") if isinstance(default, bool) else type(default)(text)
+            except ValueError:
+                value = default
+            if key == "model" and value not in names:
+                value = default_model
+            updates.append(gr.update(value=value))
+        return tuple(updates)
+
+    with gr.Blocks(title="steindiff: the contractivity trap") as demo:
+        gr.Markdown("# steindiff: few-step diffusion sampling, the contractivity trap, and the Stein correction")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                preset = gr.Dropdown(list(PRESETS), label="Lesson presets", value=None)
+                model = gr.Dropdown(names, value=default_model, label="model")
+                solver = gr.Dropdown([s for s in SOLVERS if s != "euler"], value="dpmpp_2m", label="solver")
+                schedule = gr.Dropdown(list(SCHEDULES), value="karras", label="schedule")
+                nfe = gr.Slider(1, LIMITS.max_nfe, value=5, step=1, label="NFE (network evaluations)")
+                batch = gr.Number(16, label="batch (2-D: up to 4096 particles; images: up to 256)", precision=0)
+                with gr.Row():
+                    seed = gr.Number(0, label="seed", precision=0, scale=3)
+                    dice = gr.Button("random seed", scale=1)
+                with gr.Accordion("Stein correction", open=True):
+                    stein_on = gr.Checkbox(True, label="run the corrected sampler beside vanilla")
+                    literal = gr.Checkbox(True, label="literal rule: no upper clip (gamma_max = inf)")
+                    gamma_min = gr.Number(0.1, label="gamma_min")
+                    gamma_max = gr.Number(1.0, label="gamma_max (when not literal)")
+                    probes = gr.Slider(1, LIMITS.max_probes, value=2, step=1, label="Hutchinson probes K")
+                    probe = gr.Radio(["rademacher", "gaussian", "exact"], value="rademacher", label="probe")
+                    coords = gr.Radio(["edm", "vp"], value="edm", label="coordinates of the combination")
+                    variant = gr.Radio(["batch", "per_sample"], value="batch", label="gamma from")
+                lipschitz = gr.Checkbox(True, label="local Lipschitz estimates")
+                reference = gr.Checkbox(True, label="error to the reference solution")
+                run_button = gr.Button("Run", variant="primary")
+                download = gr.File(label="download the run (JSON, CSV, PNG)")
+            with gr.Column(scale=3):
+                summary_md = gr.Markdown("Choose settings (or a lesson preset) and press **Run**.")
+                gr.Markdown(
+                    "Blue: vanilla solver. Red: Stein-corrected, from the same noise. Orange band: "
+                    "L > 1, where the step map expands errors."
+                )
+                step_label = gr.Markdown("")
+                scrubber = gr.Slider(0, 1, value=0, step=1, label="step (moves every view)")
+                with gr.Row():
+                    vanilla_image = gr.Image(label="vanilla: x_k", visible=False, buttons=["download"])
+                    stein_image = gr.Image(label="Stein: x_k", visible=False, buttons=["download"])
+                compare_slider = gr.ImageSlider(label="vanilla | Stein", visible=False)
+                with gr.Row():
+                    vanilla_x0 = gr.Image(label="vanilla: predicted x0 at step k", visible=False)
+                    stein_x0 = gr.Image(label="Stein: predicted x0 at step k", visible=False)
+                particles = gr.Plot(label="particles", visible=False)
+                diagnostics = gr.Plot(label="per-step diagnostics")
+                with gr.Accordion("run summary (JSON)", open=False):
+                    summary_json = gr.JSON(label="run summary")
+                with gr.Accordion("What am I looking at?", open=False):
+                    gr.Markdown(EXPLANATION)
+        shown = gr.State(None)
+        controls = [
+            model,
+            solver,
+            schedule,
+            nfe,
+            batch,
+            seed,
+            stein_on,
+            gamma_min,
+            gamma_max,
+            literal,
+            probes,
+            probe,
+            coords,
+            variant,
+            lipschitz,
+            reference,
+        ]
+        views = [vanilla_image, stein_image, compare_slider, vanilla_x0, stein_x0, particles, diagnostics, step_label]
+        keys = json.dumps([k for k, _ in SETTINGS])
+        url_js = (
+            f"(...values) => {{const keys = {keys}; const q = new URLSearchParams(); "
+            "keys.forEach((k, i) => q.set(k, String(values[i]))); "
+            "window.history.replaceState(null, '', '?' + q.toString()); return values;}"
+        )
+        run_button.click(
+            run,
+            controls,
+            [summary_md, *views, scrubber, summary_json, download, shown],
+            api_name="run",
+            js=url_js,
+            concurrency_limit=1,
+        )
+        scrubber.release(scrub, [shown, scrubber], [*views, shown], api_name=False, concurrency_limit=1)
+        preset.input(apply_preset, preset, controls, api_name=False)
+        dice.click(lambda: random.randrange(2**31), None, seed, api_name=False)
+        demo.load(from_url, None, controls, api_name=False)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True) -> str:
+    """Start the server (loopback by default) and return its URL."""
+    _, url, _ = demo.launch(
+        server_name=host, server_port=port, ssr_mode=False, show_error=True, theme=THEME, prevent_thread_lock=not block
+    )
+    return url
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve another steindiff denoiser (safetensors) under NAME; repeatable",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    extra = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"app.py: --model expects NAME=PATH, got {item!r}")
+        extra[name] = Path(path)
+    catalog = ModelCatalog(extra)
+    for name in extra:
+        catalog.get(name)  # fail at start-up, not at the first request
+    launch(make_app(catalog), args.host, args.port)
+
 
 if __name__ == "__main__":
-    sys.exit(
-        "steindiff: the browser app is not built yet. Use the CLI for now:\n"
-        "  python -m steindiff sample --model gmm-ring --solver dpmpp_2m --nfe 5 --stein --out result.json"
-    )
+    main()

@@ -17,7 +17,7 @@ from .schedules import SCHEDULES, make_sigmas
 from .solvers import SOLVERS, SolverOptions, get_solver
 from .stein import SteinConfig
 
-__all__ = ["Experiment", "ExperimentResult", "Limits", "ModelCatalog", "run_experiment"]
+__all__ = ["Experiment", "ExperimentResult", "Limits", "ModelCatalog", "VectorField", "run_experiment", "vector_field"]
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,34 @@ class ModelCatalog:
         return self._loaded[key]
 
 
+@dataclass(frozen=True)
+class VectorField:
+    """D(x, sigma_k) - x on a square grid of 2-D points, for every step's sigma_k (where x is pulled)."""
+
+    points: torch.Tensor  # (P, 2)
+    displacement: list[torch.Tensor]  # per step, (P, 2)
+
+
+def vector_field(
+    model: Denoiser, sigmas: list[float], device: str = "cpu", half_width: float = 2.5, size: int = 17
+) -> VectorField:
+    """The denoiser's pull on a grid covering the data, at each step's noise level (2-D models)."""
+    axis = torch.linspace(-half_width, half_width, size)
+    points = torch.cartesian_prod(axis, axis).to(device)
+    with torch.no_grad():
+        pulls = [(model(points, torch.tensor(s, device=device)) - points).cpu() for s in sigmas[:-1]]
+    return VectorField(points.cpu(), pulls)
+
+
 @dataclass
 class ExperimentResult:
-    """The comparison, the model it ran on, and the digit scores of each run (when they apply)."""
+    """The comparison, the model it ran on, the digit scores of each run, and (2-D) the vector field."""
 
     experiment: Experiment
     model: Denoiser
     comparison: Comparison
     scores: dict[str, dict[str, Any]]
+    field: VectorField | None = None
 
     def runs(self) -> dict[str, Any]:
         out = {"vanilla": self.comparison.vanilla}
@@ -192,4 +212,5 @@ def run_experiment(
             if run is not None:
                 s = score_digits(run.samples, classifier)
                 scores[name] = {"fd_mnist": s.fd, "confidence": s.confidence, "classes": s.class_counts}
-    return ExperimentResult(experiment, model, comparison, scores)
+    field_2d = vector_field(model, comparison.sigmas, experiment.device) if model.event_shape == (2,) else None
+    return ExperimentResult(experiment, model, comparison, scores, field_2d)

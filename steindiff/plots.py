@@ -1,0 +1,407 @@
+"""Figures and image views of a finished experiment (plotly and numpy only; no model calls, no gradio)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from .experiment import ExperimentResult
+from .images import image_grid
+from .sampling import RunResult
+
+__all__ = ["diagnostics_figure", "image_views", "particles_figure", "steps_csv", "summary_markdown"]
+
+COLORS = {"vanilla": "#1f77b4", "stein": "#d62728"}
+LOG_FLOOR = 1e-4
+PANELS = (
+    "gamma: raw (markers), applied (line)",
+    "residual energy s_uu",
+    "divergence s_div",
+    "Lipschitz of the step: max (solid), median (dots)",
+    "error to the reference",
+    "cumulative product of max L",
+)
+
+
+def _values(run: RunResult, key: str) -> list[float | None]:
+    out = []
+    for record in run.trace:
+        value = getattr(record, key)
+        out.append(value if isinstance(value, (int, float)) and math.isfinite(value) else None)
+    return out
+
+
+def _positive(values: list[float | None]) -> list[float | None]:
+    """For log axes: non-positive values sit at the floor (their true value is in the hover text)."""
+    return [None if v is None else max(v, LOG_FLOOR) for v in values]
+
+
+def _cumulative(values: list[float | None]) -> list[float | None]:
+    out, product = [], 1.0
+    for v in values:
+        product = product * v if v is not None and product is not None else None
+        out.append(product)
+    return out
+
+
+def diagnostics_figure(result: ExperimentResult, step: int | None = None) -> go.Figure:
+    """Six panels on a shared step axis, vanilla (blue) and Stein (red); L = 1 marked, above it shaded."""
+    runs = result.runs()
+    fig = make_subplots(
+        rows=3, cols=2, shared_xaxes=True, subplot_titles=PANELS, vertical_spacing=0.09, horizontal_spacing=0.08
+    )
+    peak = 10.0  # top of the shaded L > 1 band
+    shapes: list[dict] = []  # set once at the end: plotly validates each add_* call against the whole layout
+    annotations: list[dict] = []
+    steps = list(range(len(result.comparison.sigmas) - 1))
+    sigmas = [
+        f"sigma {a:.3g} -> {b:.3g}"
+        for a, b in zip(result.comparison.sigmas[:-1], result.comparison.sigmas[1:], strict=True)
+    ]
+    for name, run in runs.items():
+        color = COLORS[name]
+        raw = _values(run, "gamma_raw")
+        hover = [f"{s}<br>{name}: raw gamma {v:.4g}" if v is not None else s for s, v in zip(sigmas, raw, strict=True)]
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=_positive(raw),
+                mode="markers",
+                name=f"{name} gamma raw",
+                marker={"color": color, "symbol": "circle-open" if name == "vanilla" else "circle"},
+                text=hover,
+                hoverinfo="text",
+                legendgroup=name,
+            ),
+            1,
+            1,
+        )
+        if name == "stein":
+            fig.add_trace(
+                go.Scatter(
+                    x=steps,
+                    y=_positive(_values(run, "gamma")),
+                    mode="lines",
+                    name="gamma applied",
+                    line={"color": color},
+                    legendgroup=name,
+                ),
+                1,
+                1,
+            )
+        lines = [
+            ("s_uu", 1, 2, _positive(_values(run, "s_uu")), {}),
+            ("s_div", 2, 1, _values(run, "s_div"), {}),
+            ("L max", 2, 2, _positive(_values(run, "lipschitz_max")), {}),
+            ("L median", 2, 2, _positive(_values(run, "lipschitz_median")), {"dash": "dot"}),
+            ("error to reference", 3, 1, _positive(_values(run, "err_ref")), {}),
+            ("prod L max", 3, 2, _positive(_cumulative(_values(run, "lipschitz_max"))), {}),
+        ]
+        for label, row, col, ys, style in lines:
+            fig.add_trace(
+                go.Scatter(
+                    x=steps,
+                    y=ys,
+                    mode="lines+markers",
+                    name=name,
+                    line={"color": color, **style},
+                    legendgroup=name,
+                    showlegend=label == "s_uu",
+                    hovertemplate=f"{name} {label}: %{{y:.4g}}<extra>step %{{x}}</extra>",
+                ),
+                row,
+                col,
+            )
+            if col == 2 and row > 1:
+                peak = max([peak, *(v for v in ys if v is not None)])
+        if name == "vanilla":
+            fig.add_trace(
+                go.Scatter(
+                    x=steps,
+                    y=_positive(_values(run, "bound_paper")),
+                    mode="lines",
+                    name="paper's bound (vanilla)",
+                    line={"color": "gray", "dash": "dash"},
+                ),
+                2,
+                2,
+            )
+            flow = _values(run, "lipschitz_flow_max")
+            if any(v is not None for v in flow):
+                fig.add_trace(
+                    go.Scatter(
+                        x=steps,
+                        y=_positive(flow),
+                        mode="lines",
+                        name="exact flow L (max)",
+                        line={"color": "green", "dash": "dashdot"},
+                    ),
+                    2,
+                    2,
+                )
+        diverged = run.first_nonfinite_step
+        if diverged is not None:
+            shapes += [_vline(diverged, panel, {"color": color, "dash": "dot"}) for panel in (1, 4, 5)]
+            annotations.append(
+                {
+                    "x": diverged,
+                    "y": 1,
+                    "xref": "x",
+                    "yref": "y domain",
+                    "showarrow": False,
+                    "text": f"{name} non-finite from step {diverged}",
+                    "font": {"color": color},
+                }
+            )
+    for panel in (1, 2, 4, 5, 6):
+        fig.layout[f"yaxis{panel if panel > 1 else ''}"].type = "log"
+    for panel in (4, 6):
+        shapes.append(_hline(1, panel, {"color": "black", "width": 1}))
+        shapes.append(
+            {
+                "type": "rect",
+                "xref": f"x{_axis(panel)} domain",
+                "yref": f"y{_axis(panel)}",
+                "x0": 0,
+                "x1": 1,
+                "y0": 1,
+                "y1": 3 * peak,
+                "fillcolor": "orange",
+                "opacity": 0.12,
+                "line": {"width": 0},
+                "layer": "below",
+            }
+        )
+    shapes.append(_hline(1, 1, {"color": "black", "width": 1, "dash": "dot"}))
+    if step is not None and steps:
+        shapes += [_vline(min(step, steps[-1]), panel, {"color": "#555", "width": 1}) for panel in range(1, 7)]
+    fig.update_layout(shapes=shapes, annotations=[*fig.layout.annotations, *annotations])
+    fig.update_xaxes(dtick=1)
+    fig.update_xaxes(title_text="step k", row=3, col=1)
+    fig.update_xaxes(title_text="step k", row=3, col=2)
+    fig.update_layout(
+        height=760,
+        margin={"l": 40, "r": 10, "t": 40, "b": 40},
+        legend={"orientation": "h", "y": -0.08},
+        hovermode="closest",
+    )
+    return fig
+
+
+def _axis(panel: int) -> str:
+    return "" if panel == 1 else str(panel)
+
+
+def _vline(x: float, panel: int, line: dict) -> dict:
+    """A vertical line across subplot ``panel`` (1..6, row-major)."""
+    return {
+        "type": "line",
+        "xref": f"x{_axis(panel)}",
+        "yref": f"y{_axis(panel)} domain",
+        "x0": x,
+        "x1": x,
+        "y0": 0,
+        "y1": 1,
+        "line": line,
+    }
+
+
+def _hline(y: float, panel: int, line: dict) -> dict:
+    return {
+        "type": "line",
+        "xref": f"x{_axis(panel)} domain",
+        "yref": f"y{_axis(panel)}",
+        "x0": 0,
+        "x1": 1,
+        "y0": y,
+        "y1": y,
+        "line": line,
+    }
+
+
+def _finite_rows(x: torch.Tensor) -> np.ndarray:
+    arr = x.detach().double().cpu().numpy()
+    return arr[np.isfinite(arr).all(1)]
+
+
+def particles_figure(result: ExperimentResult, step: int, trajectories: int = 24) -> go.Figure:
+    """2-D models: particles at step k over the denoiser's pull, vanilla | Stein, with the first
+    trajectories up to k (solid) and the reference trajectories from the same noise (dashed)."""
+    runs = result.runs()
+    fig = make_subplots(
+        rows=1, cols=len(runs), subplot_titles=[f"{n} at step {step}" for n in runs], horizontal_spacing=0.06
+    )
+    reference = result.comparison.reference
+    sigmas = result.comparison.sigmas
+    view = 2.5
+    for col, (name, run) in enumerate(runs.items(), start=1):
+        states = run.states
+        k = min(step, len(states) - 1)
+        points = _finite_rows(states[k])
+        view = max(view, float(np.percentile(np.abs(points), 99)) if len(points) else view)
+        if result.field is not None and k < len(result.field.displacement):
+            _add_arrows(fig, result.field.points.numpy(), result.field.displacement[k].numpy(), col)
+        fig.add_trace(
+            go.Scattergl(
+                x=points[:, 0],
+                y=points[:, 1],
+                mode="markers",
+                name=f"{name} particles",
+                marker={"size": 3, "color": COLORS[name], "opacity": 0.6},
+                showlegend=col == 1,
+            ),
+            1,
+            col,
+        )
+        path = torch.stack([s[:trajectories] for s in states[: k + 1]]).double().cpu().numpy()  # (k+1, T, 2)
+        xs, ys = _polylines(path)
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                line={"color": COLORS[name], "width": 1},
+                name=f"{name} trajectories",
+                showlegend=col == 1,
+                hoverinfo="skip",
+            ),
+            1,
+            col,
+        )
+        if reference is not None:
+            ref = torch.stack([s[:trajectories] for s in reference[: k + 1]]).double().cpu().numpy()
+            xs, ys = _polylines(ref)
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    mode="lines",
+                    line={"color": "black", "width": 1, "dash": "dash"},
+                    name="exact ODE from the same noise",
+                    showlegend=col == 1,
+                    hoverinfo="skip",
+                ),
+                1,
+                col,
+            )
+        lost = len(states[k]) - len(points)
+        if lost:
+            fig.add_annotation(
+                text=f"{lost} particles non-finite",
+                x=0.5,
+                y=1.0,
+                xref=f"x{col} domain",
+                yref=f"y{col} domain",
+                showarrow=False,
+                font={"color": "red"},
+            )
+    view = min(view * 1.05, 1e4)
+    fig.update_xaxes(range=[-view, view])
+    fig.update_yaxes(range=[-view, view], scaleanchor="x")
+    sigma_text = f"sigma {sigmas[min(step, len(sigmas) - 1)]:.3g}"
+    fig.update_layout(
+        height=460,
+        margin={"l": 30, "r": 10, "t": 50, "b": 30},
+        title_text=sigma_text,
+        legend={"orientation": "h", "y": -0.08},
+    )
+    return fig
+
+
+def _polylines(path: np.ndarray) -> tuple[list[float | None], list[float | None]]:
+    """(steps, T, 2) -> x and y lists with None separating the T polylines (plotly's gap convention)."""
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    for t in range(path.shape[1]):
+        for point in path[:, t]:
+            finite = bool(np.isfinite(point).all())
+            xs.append(float(point[0]) if finite else None)
+            ys.append(float(point[1]) if finite else None)
+        xs.append(None)
+        ys.append(None)
+    return xs, ys
+
+
+def _add_arrows(fig: go.Figure, points: np.ndarray, pull: np.ndarray, col: int) -> None:
+    lengths = np.linalg.norm(pull, axis=1, keepdims=True)
+    scale = 0.15 / max(float(np.percentile(lengths, 90)), 1e-12)
+    tips = points + np.clip(pull * scale, -0.3, 0.3)
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    for start, end in zip(points, tips, strict=True):
+        xs += [float(start[0]), float(end[0]), None]
+        ys += [float(start[1]), float(end[1]), None]
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="lines",
+            line={"color": "#bbbbbb", "width": 1},
+            name="pull of D(x, sigma_k)",
+            showlegend=col == 1,
+            hoverinfo="skip",
+        ),
+        1,
+        col,
+    )
+
+
+def image_views(result: ExperimentResult, step: int, count: int = 16) -> dict[str, Any]:
+    """Image models: grids of the states x_k and of the predictions x0_hat made at step k, per run."""
+    views: dict[str, Any] = {}
+    for name, run in result.runs().items():
+        k = min(step, len(run.states) - 1)
+        views[f"{name}_state"] = image_grid(run.states[k][:count], scale=3)
+        views[f"{name}_x0"] = image_grid(run.denoised[min(k, len(run.denoised) - 1)][:count], scale=3)
+    return views
+
+
+def summary_markdown(result: ExperimentResult) -> str:
+    """A short table of the outcome: NFE, final error, digit scores, divergence, gamma range."""
+    exp = result.experiment
+    lines = [
+        f"**{exp.model}**, {exp.solver}, {exp.schedule}, NFE {exp.nfe} "
+        f"({len(result.comparison.sigmas) - 1} steps), batch {exp.batch}, seed {exp.seed}",
+        "",
+        "| run | NFE | final err_ref | FD-MNIST | confidence | gamma raw (min .. max) | diverged at |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, run in result.runs().items():
+        raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None and math.isfinite(r.gamma_raw)]
+        score = result.scores.get(name, {})
+        cells = [
+            name,
+            str(run.nfe_total),
+            _fmt(run.final_err_ref),
+            _fmt(score.get("fd_mnist")),
+            _fmt(score.get("confidence")),
+            f"{min(raw):.3g} .. {max(raw):.3g}" if raw else "-",
+            "-" if run.first_nonfinite_step is None else f"step {run.first_nonfinite_step}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def steps_csv(result: ExperimentResult) -> str:
+    """The per-step trace of every run as CSV (one row per run and step)."""
+    buffer = io.StringIO()
+    writer = None
+    for name, run in result.runs().items():
+        for record in run.trace:
+            row = {"run": name, **record.as_dict()}
+            if writer is None:
+                writer = csv.DictWriter(buffer, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+    return buffer.getvalue()

@@ -1,0 +1,131 @@
+"""The Gradio app: callbacks as functions, and a launched server called with gradio_client."""
+
+import json
+import math
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from gradio_client import Client
+
+import app
+from steindiff.experiment import ModelCatalog, run_experiment
+from steindiff.plots import diagnostics_figure, particles_figure
+
+GOOD = dict(
+    model="gmm-ring",
+    solver="dpmpp_2m",
+    schedule="karras",
+    nfe=5,
+    batch=64,
+    seed=0,
+    stein_on=True,
+    gamma_min=0.1,
+    gamma_max=1.0,
+    literal=True,
+    probes=2,
+    probe="rademacher",
+    coords="edm",
+    variant="batch",
+    lipschitz=True,
+    reference=True,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    demo = app.make_app(ModelCatalog())
+    url = app.launch(demo, port=_free_port(), block=False)
+    yield url
+    demo.close()
+
+
+def _call(client: Client, **changes):
+    return client.predict(*{**GOOD, **changes}.values(), api_name="/run")
+
+
+def test_build_experiment_validates_like_the_server():
+    catalog = ModelCatalog()
+    experiment = app.build_experiment(catalog, *GOOD.values())
+    experiment.check(catalog, app.LIMITS)
+    assert experiment.stein.gamma_max == math.inf and experiment.nfe == 5
+    for bad, match in [
+        ({"nfe": float("nan")}, "nfe must be a number"),
+        ({"batch": 2.5}, "whole number"),
+        ({"gamma_min": 2.0, "literal": False, "gamma_max": 1.0}, "must not exceed"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            app.build_experiment(catalog, *{**GOOD, **bad}.values())
+
+
+def test_render_and_download_from_a_real_run(tmp_path):
+    catalog = ModelCatalog()
+    result = run_experiment(app.build_experiment(catalog, *{**GOOD, "batch": 32}.values()), catalog, app.LIMITS)
+    views = app.render(app.Shown(result, 2))
+    assert views[-1].startswith("step 2 of 5")
+    assert len(diagnostics_figure(result, 2).data) > 10 and len(particles_figure(result, 2).data) >= 6
+    import zipfile
+
+    with zipfile.ZipFile(app.write_download(result)) as archive:
+        assert {"run.json", "steps.csv"} <= set(archive.namelist())
+        assert archive.read("steps.csv").decode().count("\n") == 11  # header + 5 steps x 2 runs
+
+
+def test_good_run_over_the_api(server):
+    out = _call(Client(server, verbose=False))
+    summary_md, summary = out[0], out[10]
+    assert "| vanilla | 5 |" in summary_md and "| stein | 5 |" in summary_md
+    assert summary["vanilla"]["nfe_total"] == 5 and summary["stein"]["final"]["err_ref"] > 0
+    assert out[7] is not None  # the diagnostics figure
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"nfe": 0}, "minimum"),
+        ({"nfe": 1000}, "maximum"),
+        ({"batch": 100_000}, "batch must be between 1 and 4096"),
+        ({"batch": -3}, "batch must be between"),
+        ({"probes": 0}, "minimum"),
+        ({"model": "nope"}, "nope"),
+        ({"gamma_min": 3.0, "literal": False, "gamma_max": 1.0}, "must not exceed"),
+        ({"model": "mnist", "batch": 1000}, "batch must be between 1 and 256"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_the_server_keeps_serving(server, changes, needle):
+    client = Client(server, verbose=False)
+    with pytest.raises(Exception, match=needle):
+        _call(client, **changes)
+    assert _call(client, batch=16, lipschitz=False)[10]["vanilla"]["nfe_total"] == 5
+
+
+def test_nan_sent_as_raw_json_is_refused_by_the_server(server):
+    """gradio_client will not even encode NaN; a hand-made request with a NaN literal gets a clear error."""
+    import httpx
+
+    body = json.dumps({"data": list({**GOOD, "gamma_min": float("nan")}.values())})
+    assert "NaN" in body
+    event = httpx.post(
+        f"{server}gradio_api/call/run", content=body, headers={"content-type": "application/json"}
+    ).json()["event_id"]
+    stream = httpx.get(f"{server}gradio_api/call/run/{event}", timeout=60).text
+    assert "event: error" in stream and "gamma_min must be a number" in stream
+    assert _call(Client(server, verbose=False), batch=16, lipschitz=False)[10]["vanilla"]["nfe_total"] == 5
+
+
+def test_eight_concurrent_requests_are_all_answered(server):
+    def one(seed: int):
+        out = _call(Client(server, verbose=False), seed=seed, batch=32, lipschitz=False)
+        return seed, out[10]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    assert [summary["config"]["seed"] for _, summary in answers] == list(range(8))
+    errors = {summary["vanilla"]["final"]["err_ref"] for _, summary in answers}
+    assert len(errors) == 8  # eight different seeds, eight different results

@@ -1,0 +1,95 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright, everything on loopback."""
+
+import shutil
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+import app
+from steindiff.experiment import ModelCatalog
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    demo = app.make_app(ModelCatalog())
+    url = app.launch(demo, port=_free_port(), block=False)
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def page():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is required for the browser test: apt-get install -y chromium")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1700})
+        yield context.new_page()
+        browser.close()
+
+
+def _watch(page):
+    errors, outside = [], []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    def check(request):
+        parsed = urlparse(request.url)
+        if parsed.scheme in ("http", "https", "ws", "wss") and parsed.hostname not in LOOPBACK:
+            outside.append(request.url)
+
+    page.on("request", check)
+    return errors, outside
+
+
+def _choose(page, label: str, option: str) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_preset_run_scrub_and_url_state_in_chromium(server, page):
+    errors, outside = _watch(page)
+    page.goto(server + "?model=mlp-ring&batch=512&seed=3")
+    page.wait_for_selector("text=Lesson presets")
+    sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mlp-ring")  # state from the URL
+    sync_api.expect(page.get_by_label("seed", exact=True)).to_have_value("3")
+    _choose(page, "Lesson presets", "Stein rescues 3-step Heun (5 NFE)")
+    page.get_by_role("button", name="Run", exact=True).click()
+    try:
+        page.wait_for_selector("td:text-is('stein')", timeout=120_000)
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app-after-run.png"), full_page=True)
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2", timeout=60_000)
+    assert page.locator(".js-plotly-plot").count() >= 2  # particles and diagnostics
+    assert "solver=heun" in page.url and "model=mlp-ring" in page.url and "seed=3" in page.url
+    label = page.locator("text=/step \\d+ of 3/").first
+    assert "step 3 of 3" in label.inner_text()
+    slider = page.get_by_label("step (moves every view)").locator("input[type=range]") \
+        if page.get_by_label("step (moves every view)").locator("input[type=range]").count() else \
+        page.locator("input[type=range]").last
+    slider.focus()
+    page.keyboard.press("Home")
+    page.keyboard.up("Home")
+    slider.dispatch_event("pointerup")
+    page.wait_for_selector("text=step 0 of 3", timeout=60_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+    assert errors == [], errors
+    assert outside == [], outside
