@@ -24,3 +24,24 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The app over the registry, launched on loopback for this module; yields its URL."""
+    import app
+    from steindiff.experiment import ModelCatalog
+
+    demo = app.make_app(ModelCatalog())
+    url = app.launch(demo, port=free_port(), block=False)
+    yield url
+    demo.close()

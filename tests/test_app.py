@@ -2,7 +2,6 @@
 
 import json
 import math
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,38 +11,7 @@ import app
 from steindiff.experiment import ModelCatalog, run_experiment
 from steindiff.plots import diagnostics_figure, particles_figure
 
-GOOD = dict(
-    model="gmm-ring",
-    solver="dpmpp_2m",
-    schedule="karras",
-    nfe=5,
-    batch=64,
-    seed=0,
-    stein_on=True,
-    gamma_min=0.1,
-    gamma_max=1.0,
-    literal=True,
-    probes=2,
-    probe="rademacher",
-    coords="edm",
-    variant="batch",
-    lipschitz=True,
-    reference=True,
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    demo = app.make_app(ModelCatalog())
-    url = app.launch(demo, port=_free_port(), block=False)
-    yield url
-    demo.close()
+GOOD = {**dict(app.SETTINGS), "model": "gmm-ring", "batch": 64, "gamma_max": 1.0, "literal": True}
 
 
 def _call(client: Client, **changes):
@@ -129,3 +97,11 @@ def test_eight_concurrent_requests_are_all_answered(server):
     assert [summary["config"]["seed"] for _, summary in answers] == list(range(8))
     errors = {summary["vanilla"]["final"]["err_ref"] for _, summary in answers}
     assert len(errors) == 8  # eight different seeds, eight different results
+
+
+def test_image_model_run_returns_grids_and_a_slider(server):
+    out = _call(Client(server, verbose=False), model="empirical-digits", batch=8, nfe=3, lipschitz=False)
+    vanilla, stein, slider = out[1], out[2], out[3]
+    assert vanilla is not None and stein is not None and len(slider) == 2
+    assert out[6] is None or out[6].get("visible") is False  # no particle plot for an image model
+    assert out[10]["stein"]["nfe_total"] == 3

@@ -1,35 +1,26 @@
 """The app in a real browser: Debian's Chromium driven by Playwright, everything on loopback."""
 
 import shutil
-import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-import app
-from steindiff.experiment import ModelCatalog
-
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    demo = app.make_app(ModelCatalog())
-    url = app.launch(demo, port=_free_port(), block=False)
-    yield url
-    demo.close()
 
 
 @pytest.fixture
@@ -81,9 +72,11 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     assert "solver=heun" in page.url and "model=mlp-ring" in page.url and "seed=3" in page.url
     label = page.locator("text=/step \\d+ of 3/").first
     assert "step 3 of 3" in label.inner_text()
-    slider = page.get_by_label("step (moves every view)").locator("input[type=range]") \
-        if page.get_by_label("step (moves every view)").locator("input[type=range]").count() else \
-        page.locator("input[type=range]").last
+    slider = (
+        page.get_by_label("step (moves every view)").locator("input[type=range]")
+        if page.get_by_label("step (moves every view)").locator("input[type=range]").count()
+        else page.locator("input[type=range]").last
+    )
     slider.focus()
     page.keyboard.press("Home")
     page.keyboard.up("Home")

@@ -1,0 +1,60 @@
+"""Round-trip time of the app's /run endpoint, called with gradio_client against a launched server.
+
+    python benchmarks/app_roundtrip.py [--repeats 5]
+
+Cases (both samplers, diagnostics on): `mnist`, NFE 5, batch 16, Lipschitz on 4 samples (target: 3 s on
+the 2-core CPU, 0.5 s on a GPU); `gmm-ring`, NFE 5, 2,000 particles (target: 1 s). Prints the median and
+the spread of the round trips after one warm-up call. Not a test: the figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from gradio_client import Client
+
+import app
+from steindiff.experiment import ModelCatalog
+
+BASE = {**dict(app.SETTINGS), "solver": "dpmpp_2m", "schedule": "karras", "nfe": 5, "literal": True}
+CASES = {
+    "mnist, NFE 5, batch 16": {"model": "mnist", "batch": 16},
+    "gmm-ring, NFE 5, 2,000 particles": {"model": "gmm-ring", "batch": 2000},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    demo = app.make_app(ModelCatalog())
+    url = app.launch(demo, port=None, block=False)
+    client = Client(url, verbose=False)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"device: {device}; torch threads: {torch.get_num_threads()}")
+    for name, case in CASES.items():
+        call = list({**BASE, **case}.values())  # in the order of app.SETTINGS, which is /run's
+        client.predict(*call, api_name="/run")  # warm-up: model load, first-call overheads
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            client.predict(*call, api_name="/run")
+            times.append(time.perf_counter() - start)
+        print(
+            f"{name}: median {statistics.median(times):.2f} s (min {min(times):.2f}, max {max(times):.2f}, "
+            f"{args.repeats} calls)"
+        )
+    demo.close()
+
+
+if __name__ == "__main__":
+    main()
