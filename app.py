@@ -164,7 +164,7 @@ def build_experiment(
     diagnostics = DiagnosticsConfig(
         lipschitz=bool(lipschitz),
         lipschitz_samples=4,
-        lipschitz_iters=8 if image else 20,
+        lipschitz_iters=4 if image else 20,
         flow_log_step=0.25,
         reference=bool(reference),
         reference_samples=4 if image else 64,

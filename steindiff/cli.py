@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--lipschitz-samples", type=_int_in(1, 4096), default=8)
     diag.add_argument("--lipschitz-iters", type=_int_in(1, 1000), default=20)
     diag.add_argument("--no-reference", action="store_true", help="skip the reference trajectory and err_ref")
-    diag.add_argument("--reference-samples", type=_int_in(1, MAX_BATCH), help="err_ref on the first N samples only")
-    diag.add_argument("--jacobian-mode", choices=("jvp", "vjp2"), default="jvp")
+    diag.add_argument(
+        "--reference-samples", type=_int_in(1, MAX_BATCH), help="err_ref on the first N samples (images: 64, 2-D: all)"
+    )
+    diag.add_argument("--jacobian-mode", choices=("jvp", "vjp2"), default="vjp2", help="forward mode or double VJP")
     run.add_argument("--out", type=Path, help="write the JSON result here (default: stdout summary only)")
     run.add_argument("--grid", type=Path, help="image models: PNG of up to 64 final samples, vanilla | stein")
     run.add_argument("--no-score", action="store_true", help="skip FD-MNIST and confidence for digit models")
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
     """The :class:`Experiment` described by ``sample``'s arguments (settings validated on construction)."""
+    image = args.model in MODELS and MODELS[args.model].kind == "image"
     stein = SteinConfig(  # validated even without --stein: a bad setting is an error either way
         gamma_min=args.gamma_min,
         gamma_max=args.gamma_max,
@@ -147,7 +150,7 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
             lipschitz_samples=args.lipschitz_samples,
             lipschitz_iters=args.lipschitz_iters,
             reference=not args.no_reference,
-            reference_samples=args.reference_samples,
+            reference_samples=args.reference_samples or (64 if image else None),
             jacobian_mode=args.jacobian_mode,
         ),
         sigma_min=args.sigma_min,

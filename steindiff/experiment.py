@@ -107,6 +107,20 @@ class ModelCatalog:
             raise ValueError(f"extra model names clash with the registry: {sorted(clash)}")
         self._loaded: dict[tuple[str, str], Denoiser] = {}
         self._kinds: dict[str, str] = {}
+        self._references: dict[tuple, list[torch.Tensor]] = {}
+
+    def reference(self, key: tuple) -> list[torch.Tensor] | None:
+        """A reference trajectory computed earlier for the same model, noise and grid."""
+        return self._references.get(key)
+
+    def remember_reference(self, key: tuple, states: list[torch.Tensor] | None, keep: int = 16) -> None:
+        """Keep the last ``keep`` reference trajectories (changing only Stein settings reuses them)."""
+        if states is None:
+            return
+        self._references.pop(key, None)
+        self._references[key] = states
+        while len(self._references) > keep:
+            self._references.pop(next(iter(self._references)))
 
     def names(self) -> list[str]:
         return [*MODELS, *self.extra]
@@ -194,6 +208,17 @@ def run_experiment(
     noise = initial_noise(
         experiment.batch, model.event_shape, float(sigmas[0]), experiment.seed, dtype, experiment.device
     )
+    diag = experiment.diagnostics
+    reference_key = (
+        experiment.model,
+        experiment.device,
+        experiment.dtype,
+        experiment.seed,
+        experiment.batch,
+        tuple(sigmas.tolist()),
+        diag.reference_samples,
+        diag.reference_log_step,
+    )
     comparison = compare(
         model,
         noise,
@@ -201,10 +226,12 @@ def run_experiment(
         experiment.solver,
         experiment.stein,
         options=experiment.options,
-        diagnostics=experiment.diagnostics,
+        diagnostics=diag,
         seed=experiment.seed,
         callback=callback,
+        reference=models.reference(reference_key) if diag.reference else None,
     )
+    models.remember_reference(reference_key, comparison.reference)
     scores: dict[str, dict[str, Any]] = {}
     if experiment.score and model.event_shape == DIGIT_SHAPE and experiment.batch >= 2:
         classifier = load_classifier()

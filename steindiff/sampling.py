@@ -47,7 +47,7 @@ class DiagnosticsConfig:
     lipschitz_iters: int = 20
     flow_lipschitz: bool = True
     flow_log_step: float = 0.1
-    jacobian_mode: Literal["jvp", "vjp2"] = "jvp"
+    jacobian_mode: Literal["jvp", "vjp2"] = "vjp2"
     reference: bool = True
     reference_samples: int | None = None
     reference_log_step: float | None = None
@@ -303,18 +303,21 @@ def compare(
     seed: int = 0,
     observe_vanilla: bool = True,
     callback: Callable[[str, StepRecord], None] | None = None,
+    reference: list[torch.Tensor] | None = None,
 ) -> Comparison:
     """Run the plain solver and (if ``stein`` is given) the corrected one from the same ``x``.
 
+    ``reference`` may pass the reference states of an earlier comparison with the same noise and grid.
     With ``observe_vanilla`` the vanilla run also records the Stein statistics along its own
     trajectory (what the rule would have proposed there), at the cost of the probes.
     """
     diagnostics = diagnostics or DiagnosticsConfig()
     grid = sigmas.tolist() if isinstance(sigmas, torch.Tensor) else list(sigmas)
-    reference = None
-    if diagnostics.reference:
+    if diagnostics.reference and reference is None:
         log_step = diagnostics.reference_log_step or (0.025 if denoiser.exact else 0.1)
         reference = reference_trajectory(denoiser, x[: diagnostics.reference_samples], grid, log_step)
+    elif not diagnostics.reference:
+        reference = None
     observer = SteinConfig(**{**asdict(stein), "apply": False}) if stein is not None and observe_vanilla else None
 
     def run(config: SteinConfig | None, label: str) -> RunResult:

@@ -105,3 +105,13 @@ def test_image_model_run_returns_grids_and_a_slider(server):
     assert vanilla is not None and stein is not None and len(slider) == 2
     assert out[6] is None or out[6].get("visible") is False  # no particle plot for an image model
     assert out[10]["stein"]["nfe_total"] == 3
+
+
+def test_changing_only_stein_settings_reuses_the_reference():
+    catalog = ModelCatalog()
+    first = run_experiment(app.build_experiment(catalog, *{**GOOD, "lipschitz": False}.values()), catalog, app.LIMITS)
+    capped = {**GOOD, "lipschitz": False, "literal": False, "gamma_max": 1.0}
+    second = run_experiment(app.build_experiment(catalog, *capped.values()), catalog, app.LIMITS)
+    assert second.comparison.reference is first.comparison.reference
+    other_seed = run_experiment(app.build_experiment(catalog, *{**capped, "seed": 1}.values()), catalog, app.LIMITS)
+    assert other_seed.comparison.reference is not first.comparison.reference

@@ -90,3 +90,44 @@ def test_bad_input_exits_nonzero_with_one_line(extra, needle, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("steindiff: error:")
     assert needle in err
+
+
+def test_mnist_grid_and_digit_scores(tmp_path):
+    out, grid = tmp_path / "mnist.json", tmp_path / "grid.png"
+    args = [
+        "sample",
+        "--model",
+        "mnist",
+        "--solver",
+        "heun",
+        "--nfe",
+        "5",
+        "--batch",
+        "8",
+        "--stein",
+        "--gamma-max",
+        "1",
+        "--probes",
+        "1",
+        "--no-lipschitz",
+        "--no-reference",
+        "--grid",
+        str(grid),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    for run in ("vanilla", "stein"):
+        assert data[run]["final"]["fd_mnist"] > 0 and 0 < data[run]["final"]["confidence"] <= 1
+        assert sum(data[run]["final"]["classes"]) == 8
+    from PIL import Image
+
+    width, height = Image.open(grid).size
+    assert width > 2 * height  # vanilla and Stein side by side
+
+
+def test_grid_needs_an_image_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", "gmm-ring", "--batch", "8", "--no-lipschitz", "--grid", str(tmp_path / "g.png")])
+    assert "--grid needs an image model" in capsys.readouterr().err
