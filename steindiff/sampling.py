@@ -167,6 +167,16 @@ def _generator(seed: int, *stream: int) -> torch.Generator:
 PROBE_STREAM, LIPSCHITZ_STREAM = 1, 2
 
 
+@dataclass(frozen=True)
+class _MapAtStep:
+    """What the Lipschitz estimate of one run's applied map at one step needs (first samples only)."""
+
+    x: torch.Tensor
+    history: tuple[torch.Tensor, ...]
+    gamma: torch.Tensor | None  # the applied coefficient (0-d or per sample), None for the plain step
+    scale: float
+
+
 def sample(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -189,16 +199,51 @@ def sample(
     sigma, for the first samples of the batch or all of them) gives ``err_ref``.
     ``callback(record, x_next)`` is called after every step.
     """
+    diagnostics = diagnostics or DiagnosticsConfig(lipschitz=False, reference=False)
+    run, maps = _integrate(
+        denoiser,
+        x,
+        sigmas,
+        solver,
+        options=options,
+        stein=stein,
+        diagnostics=diagnostics,
+        reference=reference,
+        seed=seed,
+        keep_states=keep_states,
+        label=label,
+        callback=callback,
+    )
+    if diagnostics.lipschitz:
+        _measure_lipschitz(denoiser, [(run, maps)], sigmas, solver, options, diagnostics, seed)
+    return run
+
+
+def _integrate(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    solver: str | SolverSpec,
+    *,
+    options: SolverOptions | None,
+    stein: SteinConfig | None,
+    diagnostics: DiagnosticsConfig,
+    reference: Sequence[torch.Tensor] | None,
+    seed: int,
+    keep_states: bool = True,
+    label: str | None = None,
+    callback: Callable[[StepRecord, torch.Tensor], None] | None = None,
+) -> tuple[RunResult, list[_MapAtStep | None]]:
+    """The sampling loop; also returns, per step, what the Lipschitz post-pass needs."""
     spec = get_solver(solver) if isinstance(solver, str) else solver
     options = options or SolverOptions()
-    diagnostics = diagnostics or DiagnosticsConfig(lipschitz=False, reference=False)
     grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     if len(grid) < 2 or any(b >= a for a, b in itertools.pairwise(grid)) or grid[-1] < 0:
         raise ValueError("sigmas must be a strictly decreasing grid of at least two non-negative levels")
     counter = CountingDenoiser(denoiser)
     probe_gen = _generator(seed, PROBE_STREAM)
     history: tuple[torch.Tensor, ...] = ()
-    states, denoised_list, trace = [x.detach()], [], []
+    states, denoised_list, trace, maps = [x.detach()], [], [], []
     for k in range(len(grid) - 1):
         sigma, sigma_next = grid[k], grid[k + 1]
         nfe_before, start = counter.nfe, time.perf_counter()
@@ -224,7 +269,18 @@ def sample(
         if reference is not None:
             record.err_ref = mean_distance(x_next[: len(reference[k + 1])], reference[k + 1])
         if diagnostics.lipschitz and record.finite and bool(torch.isfinite(x).all()):
-            _measure_lipschitz(record, denoiser, spec, x, grid, k, history, options, stats, diagnostics, seed)
+            n = min(diagnostics.lipschitz_samples, x.shape[0])
+            gamma = None if stats is None else stats.applied
+            maps.append(
+                _MapAtStep(
+                    x[:n].detach(),
+                    tuple(h[:n] for h in history),
+                    gamma[:n] if gamma is not None and gamma.ndim == 1 else gamma,
+                    1.0 if stats is None else stats.scale,
+                )
+            )
+        else:
+            maps.append(None)
         history = tuple(h.detach() for h in result.history)
         if keep_states:
             states.append(x_next)
@@ -234,7 +290,7 @@ def sample(
             callback(record, x_next)
         x = x_next
     final_err = mean_distance(x[: len(reference[-1])], reference[-1]) if reference is not None else None
-    return RunResult(
+    run = RunResult(
         label=label or (spec.name + ("+stein" if stein is not None and stein.apply else "")),
         samples=x,
         trace=trace,
@@ -243,52 +299,86 @@ def sample(
         denoised=denoised_list,
         final_err_ref=final_err,
     )
+    return run, maps
 
 
 def _measure_lipschitz(
-    record: StepRecord,
     denoiser: Denoiser,
-    spec: SolverSpec,
-    x: torch.Tensor,
-    grid: list[float],
-    k: int,
-    history: tuple[torch.Tensor, ...],
-    options: SolverOptions,
-    stats: SteinStats | None,
+    runs: list[tuple[RunResult, list[_MapAtStep | None]]],
+    sigmas: Sequence[float] | torch.Tensor,
+    solver: str | SolverSpec,
+    options: SolverOptions | None,
     config: DiagnosticsConfig,
     seed: int,
 ) -> None:
-    """Fill the Lipschitz fields of ``record`` for the map this run applied at step k (history fixed)."""
-    start = time.perf_counter()
-    n = min(config.lipschitz_samples, x.shape[0])
-    sub_x, sub_hist = x[:n].detach(), tuple(h[:n] for h in history)
-    sigma, sigma_next = grid[k], grid[k + 1]
-    gamma = None if stats is None or stats.applied is None else stats.applied
-    if gamma is not None and gamma.ndim == 1:
-        gamma = gamma[:n]
+    """Fill the Lipschitz fields of every run's trace, batching what can share a network call.
 
-    def step_map(z: torch.Tensor) -> torch.Tensor:
-        t = spec.step(denoiser, z, grid, k, sub_hist, options).x_next
-        return t if gamma is None else combine(z, t, gamma, stats.scale)
+    At step k the runs' applied maps share the grid, the solver and the shapes of the history, so one
+    batched power iteration serves all runs; the denoiser's constant at every step of every run is one
+    more batched call with per-sample noise levels. Samples never interact, so batching changes nothing
+    but the cost. The recorded ``diagnostics_time_s`` of a step is that of its shared batch.
+    """
+    spec = get_solver(solver) if isinstance(solver, str) else solver
+    options = options or SolverOptions()
+    grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
 
-    def denoiser_map(z: torch.Tensor) -> torch.Tensor:
-        return denoiser(z, torch.tensor(sigma, dtype=z.dtype, device=z.device))
+    def lip(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *stream: int) -> torch.Tensor:
+        gen = _generator(seed, LIPSCHITZ_STREAM, *stream)
+        return local_lipschitz(fn, x, config.lipschitz_iters, gen, config.jacobian_mode)
 
-    def lip(fn: Callable[[torch.Tensor], torch.Tensor], stream: int) -> torch.Tensor:
-        gen = _generator(seed, LIPSCHITZ_STREAM, k, stream)
-        return local_lipschitz(fn, sub_x, config.lipschitz_iters, gen, config.jacobian_mode)
+    den_x, den_sigma, den_owner = [], [], []
+    for k in range(len(grid) - 1):
+        start = time.perf_counter()
+        present = [(run, maps[k]) for run, maps in runs if maps[k] is not None]
+        if not present:
+            continue
+        x = torch.cat([m.x for _, m in present])
+        history = tuple(torch.cat(parts) for parts in zip(*(m.history for _, m in present), strict=True))
+        gamma = torch.cat([_per_sample(m.gamma, len(m.x), x) for _, m in present])
+        scale = next((m.scale for _, m in present if m.gamma is not None), 1.0)
 
-    step_l = lip(step_map, 0)
-    record.lipschitz_max, record.lipschitz_median = float(step_l.max()), float(step_l.median())
-    record.lipschitz_denoiser_max = float(lip(denoiser_map, 1).max())
-    record.bound_paper = lipschitz_bound(sigma, sigma_next, record.lipschitz_denoiser_max)
-    if config.flow_lipschitz and denoiser.exact:
+        def step_map(
+            z: torch.Tensor, k: int = k, history: tuple = history, gamma: torch.Tensor = gamma, scale: float = scale
+        ) -> torch.Tensor:
+            return combine(z, spec.step(denoiser, z, grid, k, history, options).x_next, gamma, scale)
 
-        def exact_flow(z: torch.Tensor) -> torch.Tensor:
-            return flow_map(denoiser, z, sigma, sigma_next, max_log_step=config.flow_log_step)
+        step_l = lip(step_map, x, k, 0)
+        flow_l = None
+        if config.flow_lipschitz and denoiser.exact:
 
-        record.lipschitz_flow_max = float(lip(exact_flow, 2).max())
-    record.diagnostics_time_s = time.perf_counter() - start
+            def exact_flow(z: torch.Tensor, k: int = k) -> torch.Tensor:
+                return flow_map(denoiser, z, grid[k], grid[k + 1], max_log_step=config.flow_log_step)
+
+            flow_l = lip(exact_flow, x, k, 2)
+        elapsed = time.perf_counter() - start
+        offset = 0
+        for run, m in present:
+            part = slice(offset, offset + len(m.x))
+            offset += len(m.x)
+            record = run.trace[k]
+            record.lipschitz_max, record.lipschitz_median = float(step_l[part].max()), float(step_l[part].median())
+            if flow_l is not None:
+                record.lipschitz_flow_max = float(flow_l[part].max())
+            record.diagnostics_time_s = elapsed
+            den_x.append(m.x)
+            den_sigma.append(torch.full((len(m.x),), grid[k], dtype=m.x.dtype, device=m.x.device))
+            den_owner.append(record)
+    if not den_x:
+        return
+    sigma_all = torch.cat(den_sigma)
+    den_l = lip(lambda z: denoiser(z, sigma_all), torch.cat(den_x), len(grid), 1)
+    offset = 0
+    for record, part_x in zip(den_owner, den_x, strict=True):
+        record.lipschitz_denoiser_max = float(den_l[offset : offset + len(part_x)].max())
+        offset += len(part_x)
+        record.bound_paper = lipschitz_bound(record.sigma, record.sigma_next, record.lipschitz_denoiser_max)
+
+
+def _per_sample(gamma: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The applied coefficient as an (n,) tensor (1 for the plain step: combine then returns T exactly)."""
+    if gamma is None:
+        return torch.ones(n, dtype=torch.float64, device=like.device)
+    return gamma.to(torch.float64).expand(n) if gamma.ndim == 0 else gamma.to(torch.float64)
 
 
 def compare(
@@ -320,9 +410,9 @@ def compare(
         reference = None
     observer = SteinConfig(**{**asdict(stein), "apply": False}) if stein is not None and observe_vanilla else None
 
-    def run(config: SteinConfig | None, label: str) -> RunResult:
+    def run(config: SteinConfig | None, label: str) -> tuple[RunResult, list[_MapAtStep | None]]:
         hook = (lambda record, _x: callback(label, record)) if callback else None
-        return sample(
+        return _integrate(
             denoiser,
             x,
             grid,
@@ -336,6 +426,8 @@ def compare(
             callback=hook,
         )
 
-    vanilla = run(observer, "vanilla")
-    corrected = run(stein, "stein") if stein is not None else None
+    runs = [run(observer, "vanilla")] + ([run(stein, "stein")] if stein is not None else [])
+    if diagnostics.lipschitz:
+        _measure_lipschitz(denoiser, runs, grid, solver, options, diagnostics, seed)
+    vanilla, corrected = runs[0][0], (runs[1][0] if len(runs) > 1 else None)
     return Comparison(grid, vanilla, corrected, reference)
