@@ -30,7 +30,7 @@ from steindiff.images import save_png, side_by_side
 from steindiff.plots import diagnostics_figure, image_views, particles_figure, steps_csv, summary_markdown
 from steindiff.sampling import DiagnosticsConfig
 from steindiff.schedules import SCHEDULES
-from steindiff.solvers import SOLVERS
+from steindiff.solvers import SOLVERS, get_solver
 from steindiff.stein import SteinConfig
 
 #: system fonts only: the default theme would fetch web fonts from outside the machine
@@ -270,10 +270,10 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         )
         try:
             experiment = build_experiment(catalog, *settings)
-            experiment.check(catalog, LIMITS)
+            steps = get_solver(experiment.solver).steps_for_nfe(experiment.nfe)
         except (ValueError, TypeError) as err:
             raise gr.Error(str(err)) from None
-        total = 2 * (SOLVERS[experiment.solver].steps_for_nfe(experiment.nfe)) if experiment.stein else None
+        total = 2 * steps if experiment.stein else None
 
         def tick(label: str, record: Any) -> None:
             done = record.step + 1 + (total // 2 if label == "stein" and total else 0)

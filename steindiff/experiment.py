@@ -198,12 +198,9 @@ def run_experiment(
     """Validate, build the grid and the noise, run vanilla and corrected, and score digit samples."""
     experiment.check(models, limits)
     model = models.get(experiment.model, experiment.device)
-    sigma_min = experiment.sigma_min or model.sigma_min
-    sigma_max = experiment.sigma_max or model.sigma_max
-    if sigma_min > sigma_max:
-        raise ValueError(f"sigma_min ({sigma_min}) exceeds sigma_max ({sigma_max})")
     steps = SOLVERS[experiment.solver].steps_for_nfe(experiment.nfe)
-    sigmas = make_sigmas(experiment.schedule, steps, sigma_min, sigma_max)
+    sigma_min, sigma_max = experiment.sigma_min or model.sigma_min, experiment.sigma_max or model.sigma_max
+    sigmas = make_sigmas(experiment.schedule, steps, sigma_min, sigma_max)  # refuses sigma_min > sigma_max
     dtype = getattr(torch, experiment.dtype)
     noise = initial_noise(
         experiment.batch, model.event_shape, float(sigmas[0]), experiment.seed, dtype, experiment.device
@@ -232,12 +229,11 @@ def run_experiment(
         reference=models.reference(reference_key) if diag.reference else None,
     )
     models.remember_reference(reference_key, comparison.reference)
-    scores: dict[str, dict[str, Any]] = {}
+    field_2d = vector_field(model, comparison.sigmas, experiment.device) if model.event_shape == (2,) else None
+    result = ExperimentResult(experiment, model, comparison, {}, field_2d)
     if experiment.score and model.event_shape == DIGIT_SHAPE and experiment.batch >= 2:
         classifier = load_classifier()
-        for name, run in (("vanilla", comparison.vanilla), ("stein", comparison.stein)):
-            if run is not None:
-                s = score_digits(run.samples, classifier)
-                scores[name] = {"fd_mnist": s.fd, "confidence": s.confidence, "classes": s.class_counts}
-    field_2d = vector_field(model, comparison.sigmas, experiment.device) if model.event_shape == (2,) else None
-    return ExperimentResult(experiment, model, comparison, scores, field_2d)
+        for name, run in result.runs().items():
+            s = score_digits(run.samples, classifier)
+            result.scores[name] = {"fd_mnist": s.fd, "confidence": s.confidence, "classes": s.class_counts}
+    return result

@@ -167,6 +167,14 @@ def _generator(seed: int, *stream: int) -> torch.Generator:
 PROBE_STREAM, LIPSCHITZ_STREAM = 1, 2
 
 
+def _grid(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
+    """The noise levels as Python floats, checked: strictly decreasing, at least two, none negative."""
+    grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+    if len(grid) < 2 or any(b >= a for a, b in itertools.pairwise(grid)) or grid[-1] < 0:
+        raise ValueError("sigmas must be a strictly decreasing grid of at least two non-negative levels")
+    return grid
+
+
 @dataclass(frozen=True)
 class _MapAtStep:
     """What the Lipschitz estimate of one run's applied map at one step needs (first samples only)."""
@@ -237,9 +245,7 @@ def _integrate(
     """The sampling loop; also returns, per step, what the Lipschitz post-pass needs."""
     spec = get_solver(solver) if isinstance(solver, str) else solver
     options = options or SolverOptions()
-    grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
-    if len(grid) < 2 or any(b >= a for a, b in itertools.pairwise(grid)) or grid[-1] < 0:
-        raise ValueError("sigmas must be a strictly decreasing grid of at least two non-negative levels")
+    grid = _grid(sigmas)
     counter = CountingDenoiser(denoiser)
     probe_gen = _generator(seed, PROBE_STREAM)
     history: tuple[torch.Tensor, ...] = ()
@@ -320,7 +326,7 @@ def _measure_lipschitz(
     """
     spec = get_solver(solver) if isinstance(solver, str) else solver
     options = options or SolverOptions()
-    grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+    grid = _grid(sigmas)
 
     def lip(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *stream: int) -> torch.Tensor:
         gen = _generator(seed, LIPSCHITZ_STREAM, *stream)
@@ -402,7 +408,7 @@ def compare(
     trajectory (what the rule would have proposed there), at the cost of the probes.
     """
     diagnostics = diagnostics or DiagnosticsConfig()
-    grid = sigmas.tolist() if isinstance(sigmas, torch.Tensor) else list(sigmas)
+    grid = _grid(sigmas)
     if diagnostics.reference and reference is None:
         log_step = diagnostics.reference_log_step or (0.025 if denoiser.exact else 0.1)
         reference = reference_trajectory(denoiser, x[: diagnostics.reference_samples], grid, log_step)
