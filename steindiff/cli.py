@@ -5,17 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import torch
+from tqdm import tqdm
 
+from . import distributed
+from .bench import VARIANTS, BenchConfig, run_bench
+from .bench_report import write_outputs
+from .cost import cost_cases, measure_cost
+from .cost import markdown_table as cost_table
 from .denoisers import MODELS
 from .experiment import Experiment, Limits, ModelCatalog, run_experiment
 from .images import image_grid, save_png, side_by_side
 from .metrics import train_classifier
+from .quality import quality_metric
 from .sampling import DiagnosticsConfig
 from .schedules import SCHEDULES
 from .solvers import SOLVERS, SolverOptions
@@ -61,6 +71,20 @@ def _positive(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
     return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return names
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +137,39 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--export", type=Path, help="write the EMA weights here (safetensors)")
     fit.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    bench = commands.add_parser("bench", help="the sweep: quality, err_ref, NFE and time per solver x NFE x variant")
+    bench.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    bench.add_argument("--solvers", type=_names, default=BenchConfig.solvers, help="comma-separated")
+    bench.add_argument("--schedules", type=_names, default=BenchConfig.schedules, help="comma-separated")
+    bench.add_argument("--nfe", type=_ints, default=BenchConfig.nfe, help="comma-separated, e.g. 3,4,5,6,8,10,20")
+    bench.add_argument(
+        "--variants", type=_names, default=BenchConfig.variants, help=f"comma-separated from: {', '.join(VARIANTS)}"
+    )
+    bench.add_argument("--samples", type=_int_in(2, 10**7), default=BenchConfig.samples, help="per cell and seed")
+    bench.add_argument("--seeds", type=_ints, default=BenchConfig.seeds, help="comma-separated")
+    bench.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=BenchConfig.batch, help="also the Stein batch")
+    bench.add_argument("--probes", type=_int_in(1, 256), default=BenchConfig.probes)
+    bench.add_argument("--batched-probes", action="store_true", help="all K probes in one vectorised backward")
+    bench.add_argument(
+        "--reference-samples", type=_int_in(0, 10**7), default=BenchConfig.reference_samples, help="err_ref on these"
+    )
+    bench.add_argument(
+        "--reference-log-step", type=_positive, help="RK4 step in log sigma (default: 0.025 exact, 0.1 networks)"
+    )
+    bench.add_argument("--out", type=Path, required=True, help="folder for results.{json,csv,md} and metric.png")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    cost = commands.add_parser("cost", help="time per step and peak memory of vanilla vs the Stein variants")
+    cost.add_argument("--model", default="mnist", help=f"one of: {', '.join(MODELS)}")
+    cost.add_argument("--solver", default="dpmpp_2m")
+    cost.add_argument("--schedule", default="karras")
+    cost.add_argument("--nfe", type=_int_in(1, MAX_NFE), default=5)
+    cost.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=64)
+    cost.add_argument("--variants", type=_names, default=("stein",), help="comma-separated Stein variants")
+    cost.add_argument("--probes", type=_ints, default=(1, 5), help="comma-separated probe counts K")
+    cost.add_argument("--repeats", type=_int_in(1, 1000), default=3)
+    cost.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
     clf = commands.add_parser("train-classifier", help="train the FD-MNIST classifier and its reference statistics")
     clf.add_argument("--epochs", type=_int_in(1, 1000), default=15)
@@ -211,12 +268,89 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_command(args: argparse.Namespace) -> int:
+    """The sweep, sharded over torchrun's processes when started under it; rank 0 writes the files."""
+    config = BenchConfig(
+        model=args.model,
+        solvers=args.solvers,
+        schedules=args.schedules,
+        nfe=args.nfe,
+        variants=args.variants,
+        samples=args.samples,
+        seeds=args.seeds,
+        batch=args.batch,
+        probes=args.probes,
+        batched_probes=args.batched_probes,
+        reference_samples=args.reference_samples,
+        reference_log_step=args.reference_log_step,
+    )
+    catalog = ModelCatalog()
+    if args.model not in catalog.names():
+        raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(catalog.names())}")
+    shard = distributed.start(args.device)
+    try:
+        model = catalog.get(args.model, shard.device)
+        metric = quality_metric(args.model, model)
+        per_rank = len(range(shard.rank, config.blocks, shard.world))
+        total = per_rank * len(config.seeds) * len(config.solvers) * len(config.schedules) * len(config.nfe)
+        with tqdm(total=total * len(config.variants), desc=f"bench {args.model}", disable=not shard.is_main) as bar:
+            start = time.perf_counter()
+            results = run_bench(config, model, metric, shard, on_block=bar.update)
+        if shard.is_main:
+            facts = {
+                "machine": machine_description(shard),
+                "processes": shard.world,
+                "wall time": f"{time.perf_counter() - start:.0f} s",
+                "command": "python -m steindiff " + " ".join(args.argv),
+            }
+            paths = write_outputs(config, results, args.out, facts)
+            print(paths["results.md"].read_text())
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+    finally:
+        distributed.stop(shard)
+    return 0
+
+
+def run_cost(args: argparse.Namespace) -> int:
+    """Print the cost table."""
+    if args.model not in MODELS:
+        raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
+    rows = measure_cost(
+        args.model,
+        args.solver,
+        args.schedule,
+        args.nfe,
+        args.batch,
+        cost_cases(list(args.variants), list(args.probes)),
+        args.repeats,
+        args.device,
+    )
+    print(
+        f"{args.model}, {args.solver}, {args.schedule}, NFE {args.nfe}, batch {args.batch}; "
+        f"{machine_description(distributed.Shard(0, 1, args.device))}, {torch.get_num_threads()} torch threads"
+    )
+    print(cost_table(rows))
+    return 0
+
+
+def machine_description(shard: distributed.Shard) -> str:
+    """The device in words, for the record beside every figure."""
+    if shard.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(shard.device)} x {shard.world}"
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "bench":
+            return run_bench_command(args)
+        if args.command == "cost":
+            return run_cost(args)
         if args.command == "train-classifier":
             print(json.dumps(train_classifier(epochs=args.epochs, seed=args.seed), indent=1))
             return 0

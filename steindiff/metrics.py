@@ -28,9 +28,11 @@ __all__ = [
     "DIGIT_SHAPE",
     "DigitClassifier",
     "DigitScores",
+    "classify_digits",
     "frechet_distance",
     "load_classifier",
     "score_digits",
+    "scores_from_features",
     "train_classifier",
 ]
 
@@ -169,14 +171,30 @@ class DigitScores:
 
 
 @torch.no_grad()
-def score_digits(samples: torch.Tensor, classifier: LoadedClassifier | None = None) -> DigitScores:
-    """Score (N, 1, 28, 28) samples in [-1, 1]; non-finite samples count as all-background images."""
-    classifier = classifier or load_classifier()
+def classify_digits(samples: torch.Tensor, classifier: LoadedClassifier) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features (N, 128, float64) and class probabilities (N, 10) of (N, 1, 28, 28) samples.
+
+    Non-finite pixels count as background (-1) or ink (+1): a diverged sample scores as a bad image.
+    """
     x = torch.nan_to_num(samples.detach().float().cpu(), nan=-1.0, posinf=1.0, neginf=-1.0)
-    if x.shape[1:] != DIGIT_SHAPE or x.shape[0] < 2:
-        raise ValueError(f"expected at least 2 samples of shape (1, 28, 28), got {tuple(x.shape)}")
-    mean, cov = _feature_stats(classifier.model, x)
-    probs = torch.cat([torch.softmax(classifier.model(x[i : i + 500]), 1) for i in range(0, len(x), 500)])
-    fd = frechet_distance(mean, cov, classifier.ref_mean, classifier.ref_cov)
+    if x.shape[1:] != DIGIT_SHAPE:
+        raise ValueError(f"expected samples of shape (N, 1, 28, 28), got {tuple(x.shape)}")
+    chunks = [x[i : i + 500] for i in range(0, len(x), 500)]
+    feats = torch.cat([classifier.model.features(c) for c in chunks]).double()
+    probs = torch.cat([torch.softmax(classifier.model.out(f.float()), 1) for f in feats.split(500)])
+    return feats, probs
+
+
+def scores_from_features(features: torch.Tensor, probs: torch.Tensor, classifier: LoadedClassifier) -> DigitScores:
+    """FD-MNIST and confidence from the outputs of :func:`classify_digits` (at least 2 samples)."""
+    if len(features) < 2:
+        raise ValueError(f"FD-MNIST needs at least 2 samples, got {len(features)}")
+    fd = frechet_distance(features.mean(0), torch.cov(features.T), classifier.ref_mean, classifier.ref_cov)
     counts = torch.bincount(probs.argmax(1), minlength=10).tolist()
-    return DigitScores(fd if math.isfinite(fd) else math.inf, float(probs.max(1).values.mean()), counts, len(x))
+    return DigitScores(fd if math.isfinite(fd) else math.inf, float(probs.max(1).values.mean()), counts, len(features))
+
+
+def score_digits(samples: torch.Tensor, classifier: LoadedClassifier | None = None) -> DigitScores:
+    """Score (N, 1, 28, 28) samples in [-1, 1] (N >= 2): FD-MNIST, confidence, predicted classes."""
+    classifier = classifier or load_classifier()
+    return scores_from_features(*classify_digits(samples, classifier), classifier)

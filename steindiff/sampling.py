@@ -263,7 +263,9 @@ def _integrate(
                 x_in = x.detach().requires_grad_(True)
                 result = spec.step(counter, x_in, grid, k, history, options)
                 # Every solver step has the exact linear part (sigma'/sigma) x (see solvers.py).
-                div_t = divergence(result.x_next, x_in, stein.probe, stein.probes, probe_gen, sigma_next / sigma)
+                div_t = divergence(
+                    result.x_next, x_in, stein.probe, stein.probes, probe_gen, sigma_next / sigma, stein.batched_probes
+                )
             x_next, stats = stein_update(x, result.x_next.detach(), div_t, sigma, sigma_next, stein)
         x_next = x_next.detach()
         record = StepRecord(k, sigma, sigma_next, counter.nfe - nfe_before, time.perf_counter() - start)

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "STEIN_VARIANTS",
     "DivergenceEstimate",
     "SteinConfig",
     "SteinStats",
@@ -48,6 +49,8 @@ class SteinConfig:
     coords: "edm" or "vp", the coordinates the convex combination is taken in.
     variant: "batch" (the paper's batch means) or "per_sample" (each sample its own gamma; noisy).
     apply: False observes only: every statistic is computed and recorded, but gamma = 1 is used.
+    batched_probes: all K probes in one vectorised backward (``is_grads_batched``) instead of K
+        backward passes; the same estimate, a different speed (see the cost benchmark).
     """
 
     gamma_min: float = 0.1
@@ -57,6 +60,7 @@ class SteinConfig:
     coords: Literal["edm", "vp"] = "edm"
     variant: Literal["batch", "per_sample"] = "batch"
     apply: bool = True
+    batched_probes: bool = False
 
     def __post_init__(self) -> None:
         if math.isnan(self.gamma_min) or math.isnan(self.gamma_max):
@@ -71,6 +75,13 @@ class SteinConfig:
             raise ValueError(f"coords must be 'edm' or 'vp', got {self.coords!r}")
         if self.variant not in ("batch", "per_sample"):
             raise ValueError(f"variant must be 'batch' or 'per_sample', got {self.variant!r}")
+
+
+#: named settings of the correction for the CLI, the benchmark and the app (probes are set separately)
+STEIN_VARIANTS: dict[str, dict] = {
+    "stein": {"gamma_max": math.inf},  # the paper's literal rule: gamma clipped below at 0.1 only
+    "stein-cap1": {"gamma_max": 1.0},  # gamma in [0.1, 1]: never extrapolates past the solver
+}
 
 
 @dataclass(frozen=True)
@@ -123,13 +134,15 @@ def divergence(
     probes: int,
     generator: torch.Generator,
     identity: float = 0.0,
+    batched: bool = False,
 ) -> DivergenceEstimate:
     """div_x T per sample, where ``t = T(x)`` was computed from ``x`` with ``requires_grad``.
 
     Hutchinson: E[v^T J v] = tr J for probes with E[v v^T] = I. ``identity`` is a known coefficient c
     of I in J: the estimator v^T J v - c (||v||^2 - d) stays unbiased for any c and, with the exact c,
     carries no variance from the identity part (Rademacher probes have ||v||^2 = d already).
-    "exact" sums the d diagonal entries, one VJP a coordinate.
+    "exact" sums the d diagonal entries, one VJP a coordinate. ``batched`` takes the K probe VJPs in
+    one vectorised backward.
     """
     dim = x[0].numel()
     if kind == "exact":
@@ -141,12 +154,14 @@ def divergence(
             basis[:, j] = 1
             total = total + _quadratic_form(t, x, basis.reshape(x.shape))
         return DivergenceEstimate(total, 0.0)
-    estimates = []
-    for _ in range(probes):
-        v = draw_probes(x, kind, generator)
-        sq_norm = (v.to(torch.float64) ** 2).flatten(1).sum(1)
-        estimates.append(_quadratic_form(t, x, v) - identity * (sq_norm - dim))
-    stacked = torch.stack(estimates)  # (K, B)
+    v = torch.stack([draw_probes(x, kind, generator) for _ in range(probes)])  # (K, B, ...)
+    if batched:
+        (vjps,) = torch.autograd.grad(t, x, grad_outputs=v, retain_graph=True, is_grads_batched=True)
+    else:
+        vjps = torch.stack([torch.autograd.grad(t, x, grad_outputs=p, retain_graph=True)[0] for p in v])
+    quadratic = (v * vjps).flatten(2).sum(2).to(torch.float64)
+    sq_norm = (v.to(torch.float64) ** 2).flatten(2).sum(2)
+    stacked = quadratic - identity * (sq_norm - dim)  # (K, B)
     se = float(stacked.mean(1).std() / math.sqrt(probes)) if probes > 1 else math.nan
     return DivergenceEstimate(stacked.mean(0), se)
 

@@ -26,6 +26,8 @@ class ModelInfo:
     build: Callable[[], Denoiser]
     description: str
     kind: str  # "2d" or "image"
+    #: the exact mixture whose samples are the truth for a 2-D model
+    truth: str | None = None
 
 
 def _empirical_mnist() -> Denoiser:
@@ -48,11 +50,12 @@ MODELS: dict[str, ModelInfo] = {
             _shipped(f"mlp-{preset.removeprefix('gmm-')}"),
             f"MLP trained on the {preset} mixture (its exact denoiser is the truth)",
             "2d",
+            preset,
         )
         for preset in ("gmm-ring", "gmm-aniso", "gmm-moons")
     },
     **{
-        name: ModelInfo(name, lambda name=name: gmm_preset(name), f"exact 2-D mixture: {text}", "2d")
+        name: ModelInfo(name, lambda name=name: gmm_preset(name), f"exact 2-D mixture: {text}", "2d", name)
         for name, (_, text) in GMM_PRESETS.items()
     },
     "empirical-mnist": ModelInfo(

@@ -1,0 +1,273 @@
+"""The benchmark sweep: quality, error to the reference, NFE and time for every solver x schedule x NFE x variant.
+
+Samples are made in blocks of ``batch`` consecutive sample indices. Sample i of seed s starts from the
+noise of (s, i) alone (:func:`steindiff.sampling.initial_noise`) and block b draws its Hutchinson
+probes from (s, b), so every block is the same computation whatever process runs it: under
+``torchrun`` rank r takes blocks r, r + W, r + 2W, ...; the per-sample features are gathered in block
+order and scored once, so W processes give the single-process numbers. The batch-statistic
+correction (variant "batch") uses the block as its batch: the batch size is part of that method,
+and changing it changes the Stein samples (never the vanilla ones).
+
+err_ref is the mean distance of the final samples to the RK4 reference solution of the probability
+flow ODE from the same noise (:mod:`steindiff.reference`), on the first ``reference_samples`` samples
+of each seed. It is computed once per seed and shared by every cell.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .denoisers import Denoiser
+from .distributed import Shard, gather
+from .quality import QualityMetric
+from .reference import reference_trajectory
+from .sampling import DiagnosticsConfig, initial_noise, sample
+from .schedules import SCHEDULES, make_sigmas
+from .solvers import get_solver
+from .stein import STEIN_VARIANTS, SteinConfig
+
+__all__ = ["VARIANTS", "BenchConfig", "CellResult", "as_records", "run_bench", "stein_config", "summarise"]
+
+#: "vanilla" and the named settings of the correction
+VARIANTS = ("vanilla", *STEIN_VARIANTS)
+BLOCK_STREAM = 3
+MAX_NFE = 1000
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One sweep: the cells are solvers x schedules x nfe x variants, each repeated for every seed."""
+
+    model: str
+    solvers: tuple[str, ...] = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "heun")
+    schedules: tuple[str, ...] = ("karras", "logsnr")
+    nfe: tuple[int, ...] = (3, 4, 5, 6, 8, 10, 20)
+    variants: tuple[str, ...] = ("vanilla", "stein", "stein-cap1")
+    samples: int = 2000
+    seeds: tuple[int, ...] = (0, 1, 2)
+    batch: int = 64
+    probes: int = SteinConfig.probes
+    batched_probes: bool = False
+    reference_samples: int = 64
+    reference_log_step: float | None = None
+
+    def __post_init__(self) -> None:
+        for solver in self.solvers:
+            get_solver(solver)
+        for schedule in self.schedules:
+            if schedule not in SCHEDULES:
+                raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+        for variant in self.variants:
+            if variant not in VARIANTS:
+                raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        for nfe in self.nfe:
+            if not 1 <= nfe <= MAX_NFE:
+                raise ValueError(f"nfe must be between 1 and {MAX_NFE}, got {nfe}")
+        if not all((self.solvers, self.schedules, self.nfe, self.variants, self.seeds)):
+            raise ValueError("solvers, schedules, nfe, variants and seeds must each name at least one value")
+        if self.samples < 2 or self.batch < 1 or self.reference_samples < 0:
+            raise ValueError("need samples >= 2, batch >= 1 and reference_samples >= 0")
+        if self.reference_log_step is not None and not self.reference_log_step > 0:
+            raise ValueError(f"reference_log_step must be > 0, got {self.reference_log_step}")
+        if any(not 0 <= seed < 2**63 for seed in self.seeds):
+            raise ValueError("seeds must be between 0 and 2**63 - 1")
+        SteinConfig(probes=self.probes)  # validates the probe count
+
+    @property
+    def blocks(self) -> int:
+        return math.ceil(self.samples / self.batch)
+
+
+@dataclass
+class CellResult:
+    """One cell for one seed: the model's quality scores, err_ref, NFE, divergence and time."""
+
+    solver: str
+    schedule: str
+    nfe: int
+    variant: str
+    seed: int
+    samples: int
+    nfe_realised: int
+    scores: dict[str, float]
+    err_ref: float | None
+    nonfinite: int
+    gamma_raw_max: float | None
+    wall_s: float
+
+
+def stein_config(variant: str, probes: int, batched_probes: bool = False) -> SteinConfig | None:
+    """The correction a variant name stands for (None: vanilla)."""
+    if variant == "vanilla":
+        return None
+    return SteinConfig(**STEIN_VARIANTS[variant], probes=probes, batched_probes=batched_probes)
+
+
+def _block_seed(seed: int, block: int) -> int:
+    return int(np.random.SeedSequence([seed, BLOCK_STREAM, block]).generate_state(1, np.uint64)[0])
+
+
+@dataclass
+class _Block:
+    """What one block of one cell contributes: per-sample features and errors, and its extremes."""
+
+    index: int
+    features: torch.Tensor | None
+    errors: torch.Tensor
+    nonfinite: int
+    gamma_raw_max: float | None
+    nfe: int
+
+
+def _reference_finals(
+    model: Denoiser, noise: torch.Tensor, sigma_min: float, log_step: float, count: int
+) -> torch.Tensor:
+    """The ODE solution at sigma = 0 from the first ``count`` unit noises, started at the model's sigma_max."""
+    if count == 0:
+        return noise[:0]
+    grid = [model.sigma_max, sigma_min, 0.0]
+    x = (model.sigma_max * noise[:count]).to(torch.float32)
+    return reference_trajectory(model, x, grid, log_step)[-1]
+
+
+def run_bench(
+    config: BenchConfig,
+    model: Denoiser,
+    metric: QualityMetric | None,
+    shard: Shard,
+    on_block: Callable[[], None] | None = None,
+) -> list[CellResult]:
+    """Run the sweep on this rank's share of blocks; every rank returns the full, identical results.
+
+    ``on_block`` is called after each block this rank finishes (for a progress bar).
+    """
+    device = shard.device
+    sigma_min, sigma_max = model.sigma_min, model.sigma_max
+    log_step = config.reference_log_step or (0.025 if model.exact else 0.1)
+    mine = range(shard.rank, config.blocks, shard.world)
+    no_diagnostics = DiagnosticsConfig(lipschitz=False, reference=False)
+    results = []
+    for seed in config.seeds:
+        noises, references = {}, {}
+        for b in mine:
+            first = b * config.batch
+            size = min(config.batch, config.samples - first)
+            # unit noise in float64: x_T = sigma_0 eps is formed per grid, as initial_noise forms it
+            noises[b] = initial_noise(size, model.event_shape, 1.0, seed, torch.float64, device, first)
+            count = max(0, min(size, config.reference_samples - first))
+            references[b] = _reference_finals(model, noises[b], sigma_min, log_step, count)
+        for solver in config.solvers:
+            spec = get_solver(solver)
+            for schedule in config.schedules:
+                for nfe in config.nfe:
+                    sigmas = make_sigmas(schedule, spec.steps_for_nfe(nfe), sigma_min, sigma_max)
+                    for variant in config.variants:
+                        stein = stein_config(variant, config.probes, config.batched_probes)
+                        start = time.perf_counter()
+                        blocks = []
+                        for b in mine:
+                            run = sample(
+                                model,
+                                (float(sigmas[0]) * noises[b]).to(torch.float32),
+                                sigmas,
+                                spec,
+                                stein=stein,
+                                diagnostics=no_diagnostics,
+                                seed=_block_seed(seed, b),
+                                keep_states=False,
+                            )
+                            blocks.append(_summarise_block(b, run, references[b], metric))
+                            if on_block is not None:
+                                on_block()
+                        elapsed = time.perf_counter() - start
+                        gathered = gather((blocks, elapsed), shard)
+                        results.append(_cell(config, (solver, schedule, nfe, variant, seed), gathered, metric))
+    return results
+
+
+def _summarise_block(index: int, run: Any, reference: torch.Tensor, metric: QualityMetric | None) -> _Block:
+    samples = run.samples
+    finite = torch.isfinite(samples.flatten(1)).all(1)
+    errors = (samples[: len(reference)].double() - reference.double()).flatten(1).norm(dim=1).cpu()
+    raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None]
+    return _Block(
+        index,
+        metric.features(samples) if metric is not None else None,
+        errors,
+        int((~finite).sum()),
+        max(raw, key=lambda g: g if math.isfinite(g) else math.inf) if raw else None,
+        run.nfe_total,
+    )
+
+
+def _cell(
+    config: BenchConfig, key: tuple, gathered: list[tuple[list[_Block], float]], metric: QualityMetric | None
+) -> CellResult:
+    solver, schedule, nfe, variant, seed = key
+    blocks = sorted((b for part, _ in gathered for b in part), key=lambda b: b.index)
+    errors = torch.cat([b.errors for b in blocks])
+    scores = metric.score(torch.cat([b.features for b in blocks])) if metric is not None else {}
+    raws = [b.gamma_raw_max for b in blocks if b.gamma_raw_max is not None]
+    return CellResult(
+        solver=solver,
+        schedule=schedule,
+        nfe=nfe,
+        variant=variant,
+        seed=seed,
+        samples=config.samples,
+        nfe_realised=blocks[0].nfe,
+        scores=scores,
+        err_ref=float(errors.mean()) if len(errors) else None,
+        nonfinite=sum(b.nonfinite for b in blocks),
+        gamma_raw_max=max(raws) if raws else None,
+        wall_s=max(elapsed for _, elapsed in gathered),
+    )
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (inf or NaN propagate: a diverged seed shows)."""
+    if any(not math.isfinite(v) for v in values):
+        bad = [v for v in values if not math.isfinite(v)]
+        return (math.nan if any(math.isnan(v) for v in bad) else math.inf), math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(results: list[CellResult]) -> list[dict[str, Any]]:
+    """One row per cell: mean and standard deviation over seeds of every score and of err_ref."""
+    cells: dict[tuple, list[CellResult]] = {}
+    for r in results:
+        cells.setdefault((r.solver, r.schedule, r.nfe, r.variant), []).append(r)
+    rows = []
+    for (solver, schedule, nfe, variant), group in cells.items():
+        row: dict[str, Any] = {
+            "solver": solver,
+            "schedule": schedule,
+            "nfe": nfe,
+            "variant": variant,
+            "seeds": len(group),
+            "nfe_realised": group[0].nfe_realised,
+            "nonfinite": sum(r.nonfinite for r in group),
+            "wall_s": sum(r.wall_s for r in group),
+        }
+        for name in group[0].scores:
+            row[name], row[f"{name}_std"] = _mean_std([r.scores[name] for r in group])
+        errs = [r.err_ref for r in group if r.err_ref is not None]
+        if errs:
+            row["err_ref"], row["err_ref_std"] = _mean_std(errs)
+        raws = [r.gamma_raw_max for r in group if r.gamma_raw_max is not None]
+        row["gamma_raw_max"] = max(raws) if raws else None
+        rows.append(row)
+    return rows
+
+
+def as_records(results: list[CellResult]) -> list[dict[str, Any]]:
+    """Per-seed rows with the scores flattened, for CSV and JSON."""
+    return [{**{k: v for k, v in asdict(r).items() if k != "scores"}, **r.scores} for r in results]

@@ -1,0 +1,186 @@
+"""The benchmark's files: per-seed CSV and JSON, a Markdown table over seeds, a PNG of the metric against NFE."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from .bench import BenchConfig, CellResult, as_records, summarise
+
+__all__ = ["headline", "markdown_table", "plot_metric", "verdicts", "write_outputs"]
+
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def headline(rows: Sequence[dict[str, Any]]) -> str:
+    """The quantity the tables lead with: the model's quality metric, else err_ref."""
+    for name in ("fd_mnist", "sw2"):
+        if rows and name in rows[0]:
+            return name
+    return "err_ref"
+
+
+def _fmt(value: Any, std: Any = None) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "diverged" if math.isinf(value) else "NaN"
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(std, float) and math.isfinite(std) and std > 0:
+        text += f" ± {std:.2g}"
+    return text
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per solver x schedule x NFE, one column per variant: headline ± std, then err_ref."""
+    metric = headline(rows)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines_by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        lines_by_key.setdefault((r["solver"], r["schedule"], r["nfe"]), {})[r["variant"]] = r
+    columns = [f"{metric} {v}" for v in variants]
+    if metric != "err_ref":
+        columns += [f"err_ref {v}" for v in variants]
+    out = [
+        "| solver | schedule | NFE | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for (solver, schedule, nfe), cells in lines_by_key.items():
+        values = [
+            _fmt(cells[v].get(metric), cells[v].get(f"{metric}_std")) + (" †" if cells[v]["nonfinite"] else "")
+            if v in cells
+            else ""
+            for v in variants
+        ]
+        if metric != "err_ref":
+            values += [
+                _fmt(cells[v].get("err_ref"), cells[v].get("err_ref_std")) if v in cells else "" for v in variants
+            ]
+        realised = next(iter(cells.values()))["nfe_realised"]
+        nfe_text = f"{nfe}" if realised == nfe else f"{nfe} ({realised})"
+        out.append(f"| {solver} | {schedule} | {nfe_text} | " + " | ".join(values) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _value(row: dict[str, Any], name: str) -> float:
+    """A summary value with a diverged one (inf in memory, null in JSON) as inf."""
+    value = row.get(name)
+    return math.inf if value is None else float(value)
+
+
+def verdicts(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[str]:
+    """Per variant: in how many cells it beats or loses to vanilla (same solver, schedule, NFE) by more
+    than twice the combined seed spread, and its best and worst ratio to vanilla."""
+    metric = metric or headline(rows)
+    vanilla = {(r["solver"], r["schedule"], r["nfe"]): r for r in rows if r["variant"] == "vanilla"}
+    lines = []
+    for variant in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "vanilla"):
+        better = worse = 0
+        ratios = []
+        for r in rows:
+            base = vanilla.get((r["solver"], r["schedule"], r["nfe"]))
+            if r["variant"] != variant or base is None:
+                continue
+            ours, theirs = _value(r, metric), _value(base, metric)
+            stds = [_value(row, f"{metric}_std") for row in (r, base)]
+            spread = 2 * math.hypot(*(s if math.isfinite(s) else 0.0 for s in stds))
+            if math.isinf(ours) or math.isinf(theirs):
+                ratio = 1.0 if ours == theirs else (math.inf if math.isinf(ours) else 0.0)
+            else:
+                ratio = ours / theirs if theirs > 0 else math.inf
+            ratios.append((ratio, f"{r['solver']} {r['schedule']} NFE {r['nfe']}"))
+            better += ours < theirs - spread
+            worse += ours > theirs + spread
+        if not ratios:
+            continue
+        best, worst = min(ratios), max(ratios)
+        lines.append(
+            f"- **{variant}**: better than vanilla in {better} of {len(ratios)} cells, worse in {worse} "
+            f"(beyond twice the seed spread). Best: {metric} x{best[0]:.3g} ({best[1]}); "
+            f"worst: x{worst[0]:.3g} ({worst[1]})."
+        )
+    return lines
+
+
+def plot_metric(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Headline metric against NFE, one panel per solver, one colour per variant, one line style per schedule."""
+    metric = headline(rows)
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    schedules = list(dict.fromkeys(r["schedule"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, len(solvers), figsize=(3.6 * len(solvers), 3.4), squeeze=False, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, solver in zip(axes[0], solvers, strict=True):
+        for vi, variant in enumerate(variants):
+            for si, schedule in enumerate(schedules):
+                pts = sorted(
+                    (r["nfe_realised"], r.get(metric), r.get(f"{metric}_std") or 0.0)
+                    for r in rows
+                    if r["solver"] == solver and r["variant"] == variant and r["schedule"] == schedule
+                )
+                pts = [(n, m, s if math.isfinite(s) else 0.0) for n, m, s in pts if m is not None and math.isfinite(m)]
+                if not pts:
+                    continue
+                ax.errorbar(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    yerr=[p[2] for p in pts],
+                    color=colours[vi % len(colours)],
+                    linestyle=LINESTYLES[si % len(LINESTYLES)],
+                    marker="o",
+                    markersize=3,
+                    capsize=2,
+                    label=f"{variant}, {schedule}",
+                )
+        ax.set_title(solver)
+        ax.set_xlabel("NFE")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric} (log; diverged cells omitted)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(config: BenchConfig, results: list[CellResult], out: Path, facts: dict[str, Any]) -> dict[str, Path]:
+    """Write results.json (config, facts, per-seed rows, summary), results.csv, results.md and metric.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    records, rows = as_records(results), summarise(results)
+    paths = {name: out / name for name in ("results.json", "results.csv", "results.md", "metric.png")}
+
+    def clean(value: Any) -> Any:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    document = {
+        "config": asdict(config),
+        "facts": facts,
+        "per_seed": [{k: clean(v) for k, v in r.items()} for r in records],
+        "summary": [{k: clean(v) for k, v in r.items()} for r in rows],
+    }
+    paths["results.json"].write_text(json.dumps(document, indent=1) + "\n")
+    with paths["results.csv"].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
+        writer.writeheader()
+        writer.writerows(records)
+    header = (
+        f"# {config.model}: {len(config.seeds)} seed(s) x {config.samples} samples a cell, "
+        f"batch {config.batch}, K = {config.probes} probes\n\n"
+        + "".join(f"- {k}: {v}\n" for k, v in facts.items())
+        + "\nMean ± standard deviation over seeds. †: some samples were non-finite (NaN or overflow); 'diverged':\n"
+        + "the metric itself is infinite. NFE (n): the solver realised n evaluations.\n\n"
+    )
+    paths["results.md"].write_text(header + "\n".join(verdicts(rows)) + "\n\n" + markdown_table(rows))
+    plot_metric(rows, paths["metric.png"], f"{config.model}: {headline(rows)} vs NFE")
+    return paths
