@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import gradio as gr
 import torch
 
 from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL, WeightsError
+from steindiff.denoisers.hub import DIFFUSERS_PREFIX
 from steindiff.experiment import Experiment, ExperimentResult, Limits, ModelCatalog, run_experiment
 from steindiff.images import save_png, side_by_side
 from steindiff.plots import diagnostics_figure, image_views, particles_figure, steps_csv, summary_markdown
@@ -164,7 +166,7 @@ def build_experiment(
     diagnostics = DiagnosticsConfig(
         lipschitz=bool(lipschitz),
         lipschitz_samples=4,
-        lipschitz_iters=4 if image else 20,
+        lipschitz_iters=3 if image else 20,
         flow_log_step=0.25,
         reference=bool(reference),
         reference_samples=4 if image else 64,
@@ -210,7 +212,8 @@ def render(shown: Shown) -> tuple:
 def write_download(result: ExperimentResult) -> str:
     """A zip of the run: config and summary JSON, the per-step CSV, PNGs of the final samples."""
     folder = Path(tempfile.mkdtemp(prefix="steindiff-run-"))
-    path = folder / f"steindiff-{result.experiment.model}-{result.experiment.solver}-nfe{result.experiment.nfe}.zip"
+    model = re.sub(r"[^\w.-]+", "_", result.experiment.model)  # hub ids and folders hold slashes and colons
+    path = folder / f"steindiff-{model}-{result.experiment.solver}-nfe{result.experiment.nfe}.zip"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("run.json", json.dumps(result.to_json(), indent=1, allow_nan=False))
         archive.writestr("steps.csv", steps_csv(result))
@@ -431,23 +434,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model",
         action="append",
         default=[],
-        metavar="NAME=PATH",
-        help="serve another steindiff denoiser (safetensors) under NAME; repeatable",
+        metavar="NAME=PATH | diffusers:ID",
+        help="also serve a steindiff denoiser (safetensors) under NAME, or a diffusers pipeline "
+        "(hub id or local folder, safetensors only); repeatable",
     )
+    parser.add_argument("--half", action="store_true", help="diffusers models on CUDA: the network in float16")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    extra = {}
+    extra, hub = {}, []
     for item in args.model:
+        if item.startswith(DIFFUSERS_PREFIX):
+            hub.append(item)
+            continue
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"app.py: --model expects NAME=PATH, got {item!r}")
+            raise SystemExit(f"app.py: --model expects NAME=PATH or diffusers:ID, got {item!r}")
         extra[name] = Path(path)
-    catalog = ModelCatalog(extra)
-    for name in extra:
-        catalog.get(name)  # fail at start-up, not at the first request
+    catalog = ModelCatalog(extra, hub, half=args.half)
+    for name in [*extra, *hub]:
+        catalog.get(name, DEVICE)  # fail at start-up, not at the first request
     launch(make_app(catalog), args.host, args.port)
 
 

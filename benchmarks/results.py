@@ -1,11 +1,12 @@
-"""Regenerate docs/results.md: the sweep for every model, the cost table, and a headline computed from them.
+"""Regenerate docs/results.md: each model's sweep, the cost table, and a headline computed from them.
 
-    python benchmarks/results.py                      # the full sweep of the benchmark issue (GPU-sized)
-    python benchmarks/results.py --processes 2 --samples 500 --seeds 0,1,2 --nfe 3,5,10   # a reduced one
+    python benchmarks/results.py                       # the full sweep of the benchmark issue, every model
+    python benchmarks/results.py --models mnist --samples 256 --nfe 3,5,10 --probes 2 --processes 2
 
-Each model's sweep is `python -m steindiff bench` (under `torchrun` with --processes > 1), written to
-docs/results/<model>/; the cost table is `python -m steindiff cost`. The page records the machine,
-the settings and every command, so a reduced run says that it is one.
+A model's sweep is `python -m steindiff bench` (under `torchrun` with --processes > 1) into
+docs/results/<model>/; the cost table is `python -m steindiff cost` into docs/results/cost.md. The page
+is then assembled from every model folder present, each with its own settings, machine and command,
+so a sweep smaller than the issue's full one is labelled as reduced.
 """
 
 from __future__ import annotations
@@ -23,110 +24,106 @@ sys.path.insert(0, str(ROOT))
 from steindiff.bench_report import headline, verdicts  # noqa: E402
 
 DEFAULT_MODELS = "mnist,mlp-ring,mlp-aniso,mlp-moons"
-FULL = {"samples": 2000, "seeds": "0,1,2", "nfe": "3,4,5,6,8,10,20"}
+FULL = {
+    "solvers": ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "heun"],
+    "schedules": ["karras", "logsnr"],
+    "nfe": [3, 4, 5, 6, 8, 10, 20],
+    "variants": ["vanilla", "stein", "stein-cap1"],
+    "seeds": [0, 1, 2],
+}
+FULL_SAMPLES = 2000
+COST = ["cost", "--model=mnist", "--nfe=5", "--batch=64", "--variants=stein,stein-cap1", "--probes=1,5", "--repeats=3"]
 
 
-def _run(command: list[str], env: dict[str, str]) -> str:
+def _run(command: list[str]) -> str:
     print("$ " + " ".join(command), flush=True)
-    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True)
-    return done.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
 
 
 def _launcher(processes: int) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "steindiff"]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
-        "-m",
-        "steindiff",
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return [*torchrun, "-m", "steindiff"]
+
+
+def _scope(config: dict) -> str:
+    """'full', or what falls short of the issue's full sweep."""
+    short = [f"{k} {config[k]}" for k, v in FULL.items() if not set(v) <= set(config[k])]
+    if config["samples"] < FULL_SAMPLES:
+        short.append(f"{config['samples']} samples a cell and seed")
+    return "full sweep" if not short else "REDUCED sweep: " + "; ".join(short)
+
+
+def model_section(folder: Path) -> str:
+    """A model's part of the page, from the files its sweep wrote."""
+    document = json.loads((folder / "results.json").read_text())
+    config, facts, summary = document["config"], document["facts"], document["summary"]
+    text = (folder / "results.md").read_text()
+    metric = headline(summary)
+    return (
+        f"## {config['model']}\n\n"
+        f"{_scope(config)}. {config['samples']} samples a cell and seed, seeds {config['seeds']}, batch "
+        f"{config['batch']} (also the Stein batch), K = {config['probes']} probes, err_ref on the first "
+        f"{min(config['reference_samples'], config['samples'])} samples of each seed. "
+        f"{facts['machine']}, {facts['processes']} process(es), {facts['wall time']}.\n\n"
+        f"    {facts['command']}\n\n"
+        + "\n".join(verdicts(summary, metric))
+        + f"\n\n![{metric} vs NFE](results/{folder.name}/metric.png)\n\n"
+        + text[text.index("| solver") :]
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=DEFAULT_MODELS)
-    parser.add_argument("--solvers", default="ddim,dpmpp_2m,dpmpp_3m,unipc,heun")
-    parser.add_argument("--schedules", default="karras,logsnr")
-    parser.add_argument("--variants", default="vanilla,stein,stein-cap1")
-    parser.add_argument("--nfe", default=FULL["nfe"])
-    parser.add_argument("--samples", type=int, default=FULL["samples"])
-    parser.add_argument("--seeds", default=FULL["seeds"])
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="sweep these (comma-separated); '' for none")
+    parser.add_argument("--solvers", default=",".join(FULL["solvers"]))
+    parser.add_argument("--schedules", default=",".join(FULL["schedules"]))
+    parser.add_argument("--variants", default=",".join(FULL["variants"]))
+    parser.add_argument("--nfe", default=",".join(map(str, FULL["nfe"])))
+    parser.add_argument("--samples", type=int, default=FULL_SAMPLES)
+    parser.add_argument("--seeds", default=",".join(map(str, FULL["seeds"])))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--probes", type=int, default=5)
     parser.add_argument("--processes", type=int, default=1, help="torchrun processes per sweep")
-    parser.add_argument("--skip-sweeps", action="store_true", help="reuse docs/results/<model>/ (e.g. after --cost)")
+    parser.add_argument("--skip-cost", action="store_true", help="keep docs/results/cost.md as it is")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    full = {"samples": args.samples, "seeds": args.seeds, "nfe": args.nfe} == FULL
-    sections, commands = [], []
-    for model in args.models.split(","):
-        folder = args.out / "results" / model
-        command = [
-            *_launcher(args.processes),
-            "bench",
-            f"--model={model}",
-            f"--solvers={args.solvers}",
-            f"--schedules={args.schedules}",
-            f"--nfe={args.nfe}",
-            f"--variants={args.variants}",
-            f"--samples={args.samples}",
-            f"--seeds={args.seeds}",
-            f"--batch={args.batch}",
-            f"--probes={args.probes}",
-            f"--out={folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}",
-        ]
-        commands.append(" ".join(command[command.index("steindiff") :]))
-        if not args.skip_sweeps:
-            _run(command, env)
-        document = json.loads((folder / "results.json").read_text())
-        text = (folder / "results.md").read_text()
-        table = text[text.index("| solver") :]
-        metric = headline(document["summary"])
-        facts = document["facts"]
-        sections.append(
-            f"## {model}\n\n"
-            f"{facts['machine']}, {facts['processes']} process(es), {facts['wall time']}; metric: {metric}.\n\n"
-            + "\n".join(verdicts(document["summary"], metric))
-            + f"\n\n![{metric} vs NFE](results/{model}/metric.png)\n\n"
-            + table
+    results = args.out / "results"
+    for model in filter(None, args.models.split(",")):
+        _run(
+            [
+                *_launcher(args.processes),
+                "bench",
+                f"--model={model}",
+                f"--solvers={args.solvers}",
+                f"--schedules={args.schedules}",
+                f"--nfe={args.nfe}",
+                f"--variants={args.variants}",
+                f"--samples={args.samples}",
+                f"--seeds={args.seeds}",
+                f"--batch={args.batch}",
+                f"--probes={args.probes}",
+                f"--out={os.path.relpath(results / model, ROOT)}",
+            ]
         )
-    cost_command = [
-        sys.executable,
-        "-m",
-        "steindiff",
-        "cost",
-        "--model=mnist",
-        "--nfe=5",
-        "--batch=64",
-        "--variants=stein,stein-cap1",
-        "--probes=1,5",
-        "--repeats=3",
-    ]
-    cost = _run(cost_command, env)
-    commands.append(" ".join(cost_command[cost_command.index("steindiff") :]))
-    scope = "the full sweep of the benchmark issue" if full else "a REDUCED sweep (not the full one; see settings)"
+    if not args.skip_cost:
+        results.mkdir(parents=True, exist_ok=True)
+        table = _run([sys.executable, "-m", "steindiff", *COST])
+        (results / "cost.md").write_text(f"    python -m steindiff {' '.join(COST)}\n\n{table}")
+    folders = sorted(p.parent for p in results.glob("*/results.json"))
+    cost = (results / "cost.md").read_text() if (results / "cost.md").exists() else "(not measured yet)\n"
     page = (
         "# Results: vanilla vs the Stein correction\n\n"
-        f"Regenerated by `python benchmarks/results.py {' '.join(sys.argv[1:])}`: {scope}.\n"
-        f"Settings: {args.samples} samples a cell and seed, seeds {args.seeds}, NFE {args.nfe}, batch "
-        f"{args.batch} (also the Stein batch), K = {args.probes} Rademacher probes, gamma_min = 0.1, EDM "
-        "coordinates. Variants: `stein` is the paper's literal rule (gamma_max = inf), `stein-cap1` clips "
-        "gamma to [0.1, 1]. err_ref: mean distance of the final samples to an RK4 reference solution "
-        "from the same noise (64 samples a seed). Headline counts compare each variant with vanilla of the "
-        "same solver, schedule and NFE.\n\n"
-        "Commands:\n\n"
-        + "".join(f"    {c}\n" for c in commands)
-        + "\n"
-        + "\n".join(sections)
+        "Regenerated by `python benchmarks/results.py` (see its --help). Variants: `stein` is the paper's "
+        "literal rule (gamma clipped below at 0.1 only), `stein-cap1` clips gamma to [0.1, 1]; Rademacher "
+        "probes, EDM coordinates. err_ref: mean distance of the final samples to an RK4 reference solution "
+        "of the ODE from the same noise. Mean ± standard deviation over seeds. The counts compare each "
+        "variant with vanilla of the same solver, schedule and NFE.\n\n"
+        + "\n".join(model_section(folder) for folder in folders)
         + "\n## Cost of the correction (mnist, DPM-Solver++(2M), Karras, NFE 5, batch 64)\n\n"
-        + cost.split("\n", 1)[0]
-        + "\n\n"
-        + cost.split("\n", 1)[1]
+        + cost
     )
     (args.out / "results.md").write_text(page)
     print(f"wrote {args.out / 'results.md'}")

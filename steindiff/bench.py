@@ -197,13 +197,13 @@ def _summarise_block(index: int, run: Any, reference: torch.Tensor, metric: Qual
     samples = run.samples
     finite = torch.isfinite(samples.flatten(1)).all(1)
     errors = (samples[: len(reference)].double() - reference.double()).flatten(1).norm(dim=1).cpu()
-    raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None]
+    raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None and not math.isnan(r.gamma_raw)]
     return _Block(
         index,
         metric.features(samples) if metric is not None else None,
         errors,
         int((~finite).sum()),
-        max(raw, key=lambda g: g if math.isfinite(g) else math.inf) if raw else None,
+        max(raw) if raw else None,  # an undefined (NaN) gamma falls back to 1 and is left out
         run.nfe_total,
     )
 

@@ -22,6 +22,7 @@ from .bench_report import write_outputs
 from .cost import cost_cases, measure_cost
 from .cost import markdown_table as cost_table
 from .denoisers import MODELS
+from .denoisers.hub import DIFFUSERS_PREFIX
 from .experiment import Experiment, Limits, ModelCatalog, run_experiment
 from .images import image_grid, save_png, side_by_side
 from .metrics import train_classifier
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="steindiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("sample", help="vanilla vs Stein-corrected sampling from the same noise")
-    run.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    run.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}, or diffusers:<hub id or folder>")
     run.add_argument("--solver", default="dpmpp_2m", help=f"one of: {', '.join(SOLVERS)}")
     run.add_argument("--schedule", default="karras", help=f"one of: {', '.join(SCHEDULES)}")
     run.add_argument("--nfe", type=_int_in(1, MAX_NFE), default=5, help="network evaluations (Heun: 2 a step, 1 last)")
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sigma-max", type=_positive, help="default: the model's")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    run.add_argument("--half", action="store_true", help="diffusers models on CUDA: the network in float16")
     solver = run.add_argument_group("solver options")
     solver.add_argument("--no-lower-order-final", action="store_true", help="keep full order on the last steps")
     solver.add_argument("--unipc-order", type=_int_in(1, 3), default=2)
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
     bench = commands.add_parser("bench", help="the sweep: quality, err_ref, NFE and time per solver x NFE x variant")
-    bench.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    bench.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}, or diffusers:<hub id or folder>")
     bench.add_argument("--solvers", type=_names, default=BenchConfig.solvers, help="comma-separated")
     bench.add_argument("--schedules", type=_names, default=BenchConfig.schedules, help="comma-separated")
     bench.add_argument("--nfe", type=_ints, default=BenchConfig.nfe, help="comma-separated, e.g. 3,4,5,6,8,10,20")
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", type=Path, required=True, help="folder for results.{json,csv,md} and metric.png")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--half", action="store_true", help="diffusers models on CUDA: the network in float16")
 
     cost = commands.add_parser("cost", help="time per step and peak memory of vanilla vs the Stein variants")
     cost.add_argument("--model", default="mnist", help=f"one of: {', '.join(MODELS)}")
@@ -179,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
     """The :class:`Experiment` described by ``sample``'s arguments (settings validated on construction)."""
-    image = args.model in MODELS and MODELS[args.model].kind == "image"
+    image = args.model.startswith(DIFFUSERS_PREFIX) or (args.model in MODELS and MODELS[args.model].kind == "image")
     stein = SteinConfig(  # validated even without --stein: a bad setting is an error either way
         gamma_min=args.gamma_min,
         gamma_max=args.gamma_max,
@@ -220,11 +223,11 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
 
 def run_sample(args: argparse.Namespace) -> dict:
     """Run the comparison described by parsed arguments, write the grid if asked, return the JSON."""
-    result = run_experiment(experiment_from_args(args), ModelCatalog())
+    result = run_experiment(experiment_from_args(args), ModelCatalog(any_diffusers=True, half=args.half))
     if args.grid is not None:
         if len(result.model.event_shape) != 3:
             raise ValueError("--grid needs an image model")
-        grids = [image_grid(run.samples[:64], scale=2) for run in result.runs().values()]
+        grids = [image_grid(result.model.decode(run.samples[:64]), scale=2) for run in result.runs().values()]
         save_png(args.grid, side_by_side(grids))
     return result.to_json()
 
@@ -284,8 +287,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         reference_samples=args.reference_samples,
         reference_log_step=args.reference_log_step,
     )
-    catalog = ModelCatalog()
-    if args.model not in catalog.names():
+    catalog = ModelCatalog(any_diffusers=True, half=args.half)
+    if not catalog.accepts(args.model):
         raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(catalog.names())}")
     shard = distributed.start(args.device)
     try:
@@ -297,11 +300,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             results = run_bench(config, model, metric, shard, on_block=bar.update)
         if shard.is_main:
+            launcher = (
+                "python -m steindiff " if shard.world == 1 else f"torchrun --nproc_per_node={shard.world} -m steindiff "
+            )
             facts = {
                 "machine": machine_description(shard),
                 "processes": shard.world,
                 "wall time": f"{time.perf_counter() - start:.0f} s",
-                "command": "python -m steindiff " + " ".join(args.argv),
+                "command": launcher + " ".join(args.argv),
             }
             paths = write_outputs(config, results, args.out, facts)
             print(paths["results.md"].read_text())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .denoisers import MODELS, Denoiser, load_denoiser, load_model
+from .denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
 from .metrics import DIGIT_SHAPE, load_classifier, score_digits
 from .sampling import Comparison, DiagnosticsConfig, StepRecord, compare, initial_noise
 from .schedules import SCHEDULES, make_sigmas
@@ -52,8 +53,12 @@ class Experiment:
 
     def check(self, models: ModelCatalog, limits: Limits = Limits()) -> None:
         """Raise ValueError naming the first bad setting."""
-        if self.model not in models.names():
+        if not models.accepts(self.model):
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(models.names())}")
+        if self.model.startswith(DIFFUSERS_PREFIX) and self.diagnostics.jacobian_mode == "jvp":
+            raise ValueError(
+                "jacobian_mode 'jvp' (forward-mode AD) fails through diffusers' GroupNorm on the CPU; use 'vjp2'"
+            )
         get_solver(self.solver)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
@@ -98,13 +103,31 @@ def _check_int(name: str, value: Any, low: int, high: int) -> None:
 
 
 class ModelCatalog:
-    """The registry plus models given on a server's command line (safetensors files); loads each once."""
+    """The models a caller may use; loads each once.
 
-    def __init__(self, extra: Mapping[str, Path] | None = None):
+    The registry, ``extra`` models (name -> our safetensors file) and ``diffusers_models``
+    ("diffusers:<hub id or folder>") as given on a server's command line; ``any_diffusers`` also
+    accepts every "diffusers:..." name (the CLI, on the user's own machine; never a shared server).
+    ``half`` runs diffusers networks in float16 (CUDA only).
+    """
+
+    def __init__(
+        self,
+        extra: Mapping[str, Path] | None = None,
+        diffusers_models: Sequence[str] = (),
+        any_diffusers: bool = False,
+        half: bool = False,
+    ):
         self.extra = dict(extra or {})
         clash = set(self.extra) & set(MODELS)
         if clash:
             raise ValueError(f"extra model names clash with the registry: {sorted(clash)}")
+        bad = [name for name in diffusers_models if not name.startswith(DIFFUSERS_PREFIX)]
+        if bad:
+            raise ValueError(f"diffusers models are named {DIFFUSERS_PREFIX}<hub id or folder>, got {bad}")
+        self.diffusers_models = list(diffusers_models)
+        self.any_diffusers = any_diffusers
+        self.half = half
         self._loaded: dict[tuple[str, str], Denoiser] = {}
         self._kinds: dict[str, str] = {}
         self._references: dict[tuple, list[torch.Tensor]] = {}
@@ -123,12 +146,18 @@ class ModelCatalog:
             self._references.pop(next(iter(self._references)))
 
     def names(self) -> list[str]:
-        return [*MODELS, *self.extra]
+        return [*MODELS, *self.extra, *self.diffusers_models]
+
+    def accepts(self, name: str) -> bool:
+        """Whether ``name`` may be loaded from this catalog."""
+        return name in self.names() or (self.any_diffusers and name.startswith(DIFFUSERS_PREFIX))
 
     def kind(self, name: str) -> str:
         """'2d' or 'image'."""
         if name in MODELS:
             return MODELS[name].kind
+        if name.startswith(DIFFUSERS_PREFIX):
+            return "image"
         if name not in self._kinds:
             self._kinds[name] = "image" if len(self.get(name).event_shape) == 3 else "2d"
         return self._kinds[name]
@@ -136,7 +165,12 @@ class ModelCatalog:
     def get(self, name: str, device: str = "cpu") -> Denoiser:
         key = (name, device)
         if key not in self._loaded:
-            model = load_model(name) if name in MODELS else load_denoiser(self.extra[name])
+            if not self.accepts(name):
+                raise ValueError(f"unknown model {name!r}; choose from {', '.join(self.names())}")
+            if name.startswith(DIFFUSERS_PREFIX):
+                model = load_diffusers(name.removeprefix(DIFFUSERS_PREFIX), device, self.half)
+            else:
+                model = load_model(name) if name in MODELS else load_denoiser(self.extra[name])
             self._loaded[key] = model.to(device)
         return self._loaded[key]
 

@@ -358,8 +358,9 @@ def image_views(result: ExperimentResult, step: int, count: int = 16) -> dict[st
     views: dict[str, Any] = {}
     for name, run in result.runs().items():
         k = min(step, len(run.states) - 1)
-        views[f"{name}_state"] = image_grid(run.states[k][:count], scale=3)
-        views[f"{name}_x0"] = image_grid(run.denoised[min(k, len(run.denoised) - 1)][:count], scale=3)
+        decode = result.model.decode  # latent models: the autoencoder's images of the latents
+        views[f"{name}_state"] = image_grid(decode(run.states[k][:count]), scale=3)
+        views[f"{name}_x0"] = image_grid(decode(run.denoised[min(k, len(run.denoised) - 1)][:count]), scale=3)
     return views
 
 
@@ -386,6 +387,12 @@ def summary_markdown(result: ExperimentResult) -> str:
             "-" if run.first_nonfinite_step is None else f"step {run.first_nonfinite_step}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if getattr(result.model, "autoencoder", None) is not None:
+        lines += [
+            "",
+            "Latent model: sampling, err_ref, divergences and Lipschitz constants are in latent space; "
+            "the images are the autoencoder's decoding of the latents.",
+        ]
     return "\n".join(lines)
 
 

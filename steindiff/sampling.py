@@ -34,7 +34,7 @@ __all__ = [
 class DiagnosticsConfig:
     """What to measure at each step besides the Stein statistics.
 
-    lipschitz: local Lipschitz constant of the applied step map (power iteration, a lower bound) on
+    lipschitz: local Lipschitz constant of the applied step map (Krylov estimate, a lower bound) on
         the first ``lipschitz_samples`` samples, plus that of the denoiser, for the paper's bound.
     flow_lipschitz: also that of the exact ODE flow between the same noise levels (exact models only).
     reference: error of every state to the reference ODE solution from the same noise, on the first
@@ -322,7 +322,7 @@ def _measure_lipschitz(
     """Fill the Lipschitz fields of every run's trace, batching what can share a network call.
 
     At step k the runs' applied maps share the grid, the solver and the shapes of the history, so one
-    batched power iteration serves all runs; the denoiser's constant at every step of every run is one
+    batched Krylov estimate serves all runs; the denoiser's constant at every step of every run is one
     more batched call with per-sample noise levels. Samples never interact, so batching changes nothing
     but the cost. The recorded ``diagnostics_time_s`` of a step is that of its shared batch.
     """

@@ -37,6 +37,10 @@ class Denoiser(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x0_hat = D(x, sigma)."""
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (or points) for display and metrics from samples: ``x`` itself, except for latent models."""
+        return x
+
     def per_sample_sigma(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """``sigma`` as a ``(B,)`` tensor in the dtype and device of ``x``."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
