@@ -29,7 +29,7 @@ from .denoisers import Denoiser
 from .distributed import Shard, gather
 from .quality import QualityMetric
 from .reference import reference_trajectory
-from .sampling import DiagnosticsConfig, initial_noise, sample
+from .sampling import DiagnosticsConfig, RunResult, initial_noise, sample
 from .schedules import SCHEDULES, make_sigmas
 from .solvers import get_solver
 from .stein import STEIN_VARIANTS, SteinConfig
@@ -193,7 +193,7 @@ def run_bench(
     return results
 
 
-def _summarise_block(index: int, run: Any, reference: torch.Tensor, metric: QualityMetric | None) -> _Block:
+def _summarise_block(index: int, run: RunResult, reference: torch.Tensor, metric: QualityMetric | None) -> _Block:
     samples = run.samples
     finite = torch.isfinite(samples.flatten(1)).all(1)
     errors = (samples[: len(reference)].double() - reference.double()).flatten(1).norm(dim=1).cpu()

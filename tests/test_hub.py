@@ -189,6 +189,11 @@ def test_forward_mode_is_refused_with_a_clear_message(pixel_folder):
     Experiment(model=name, nfe=3, batch=2).check(catalog)
 
 
+def test_half_precision_is_for_cuda_only(pixel_folder):
+    with pytest.raises(ValueError, match="CUDA devices only"):
+        load_diffusers(str(pixel_folder), "cpu", half=True)
+
+
 def test_pickled_weights_are_refused(tmp_path):
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=10)
     diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=scheduler).save_pretrained(tmp_path, safe_serialization=False)
