@@ -52,7 +52,7 @@ def _scope(config: dict) -> str:
     """'full', or what falls short of the issue's full sweep."""
     short = [f"{k} {config[k]}" for k, v in FULL.items() if not set(v) <= set(config[k])]
     if config["samples"] < FULL_SAMPLES:
-        short.append(f"{config['samples']} samples a cell and seed")
+        short.append(f"fewer than {FULL_SAMPLES} samples a cell and seed")
     return "full sweep" if not short else "REDUCED sweep: " + "; ".join(short)
 
 
@@ -120,7 +120,9 @@ def main() -> None:
         "literal rule (gamma clipped below at 0.1 only), `stein-cap1` clips gamma to [0.1, 1]; Rademacher "
         "probes, EDM coordinates. err_ref: mean distance of the final samples to an RK4 reference solution "
         "of the ODE from the same noise. Mean ± standard deviation over seeds. The counts compare each "
-        "variant with vanilla of the same solver, schedule and NFE.\n\n"
+        "variant with vanilla of the same solver, schedule and NFE. A sweep marked REDUCED is what the "
+        "machine that made it could afford; `python benchmarks/results.py` with its defaults runs the full one "
+        "(over 100 CPU-hours for `mnist` on this project's 2-core machine: a GPU job).\n\n"
         + "\n".join(model_section(folder) for folder in folders)
         + "\n## Cost of the correction (mnist, DPM-Solver++(2M), Karras, NFE 5, batch 64)\n\n"
         + cost

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from .bench import BenchConfig, CellResult, as_records, summarise
 
@@ -145,6 +146,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
                 )
         ax.set_title(solver)
         ax.set_xlabel("NFE")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(f"{metric} (log; diverged cells omitted)")

@@ -290,6 +290,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     catalog = ModelCatalog(any_diffusers=True, half=args.half)
     if not catalog.accepts(args.model):
         raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(catalog.names())}")
+    _check_device(args.device)
     shard = distributed.start(args.device)
     try:
         model = catalog.get(args.model, shard.device)
@@ -321,6 +322,7 @@ def run_cost(args: argparse.Namespace) -> int:
     """Print the cost table."""
     if args.model not in MODELS:
         raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
+    _check_device(args.device)
     rows = measure_cost(
         args.model,
         args.solver,
@@ -333,10 +335,17 @@ def run_cost(args: argparse.Namespace) -> int:
     )
     print(
         f"{args.model}, {args.solver}, {args.schedule}, NFE {args.nfe}, batch {args.batch}; "
-        f"{machine_description(distributed.Shard(0, 1, args.device))}, {torch.get_num_threads()} torch threads"
+        f"{machine_description(distributed.Shard(0, 1, args.device))}, {torch.get_num_threads()} torch threads\n"
     )
     print(cost_table(rows))
     return 0
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
 
 
 def machine_description(shard: distributed.Shard) -> str:

@@ -140,7 +140,8 @@ def test_markdown_marks_non_finite_and_diverged_cells():
 
 
 def test_bench_command_refuses_bad_input(tmp_path, capsys):
-    for extra in (["--variants", "vanilla,nope"], ["--nfe", "3,x"], ["--model", "nope"]):
+    bad = (["--variants", "vanilla,nope"], ["--nfe", "3,x"], ["--model", "nope"], ["--device", "tpu"])
+    for extra in bad:
         argv = ["bench", "--model", "gmm-ring", "--samples", "8", "--out", str(tmp_path), *extra]
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
