@@ -64,7 +64,7 @@ def latent_folder(tmp_path_factory):
     return folder
 
 
-def _vp_start(denoiser: HubDenoiser, x_vp: torch.Tensor, sigma: float) -> torch.Tensor:
+def _vp_start(x_vp: torch.Tensor, sigma: float) -> torch.Tensor:
     return x_vp * math.sqrt(1 + sigma * sigma)  # x = x_vp / alpha
 
 
@@ -82,7 +82,7 @@ def test_ddim_on_the_discrete_timesteps_reproduces_diffusers_loop(pixel_folder):
             state = scheduler.step(unet(state, t).sample, t, state).prev_sample
     abar = scheduler.alphas_cumprod.to(F64)
     grid = [float(((1 - abar[int(t)]) / abar[int(t)]).sqrt()) for t in scheduler.timesteps] + [0.0]
-    ours = sample(model, _vp_start(model, x_vp, grid[0]), grid, "ddim")
+    ours = sample(model, _vp_start(x_vp, grid[0]), grid, "ddim")
     assert ours.nfe_total == 6
     assert torch.allclose(ours.samples, state, atol=2e-4), (ours.samples - state).abs().max()
 
@@ -100,7 +100,7 @@ def test_dpmpp_2m_reproduces_diffusers_multistep_scheduler(pixel_folder):
             state = scheduler.step(unet(state, t).sample, t, state).prev_sample
     grid = scheduler.sigmas.to(F64).tolist()
     assert grid[-1] == 0.0
-    ours = sample(model, _vp_start(model, x_vp, grid[0]), grid, "dpmpp_2m")
+    ours = sample(model, _vp_start(x_vp, grid[0]), grid, "dpmpp_2m")
     assert torch.allclose(ours.samples, state, atol=2e-4), (ours.samples - state).abs().max()
 
 
@@ -114,7 +114,7 @@ def test_latent_path_reproduces_the_ldm_pipeline(latent_folder):
     x_vp = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))  # what the pipeline drew
     abar = pipe.scheduler.alphas_cumprod.to(F64)
     grid = [float(((1 - abar[int(t)]) / abar[int(t)]).sqrt()) for t in pipe.scheduler.timesteps] + [0.0]
-    latents = sample(model, _vp_start(model, x_vp, grid[0]), grid, "ddim").samples
+    latents = sample(model, _vp_start(x_vp, grid[0]), grid, "ddim").samples
     ours = (model.decode(latents) / 2 + 0.5).clamp(0, 1)
     assert ours.shape == expected.shape == (3, 3, 16, 16)
     assert torch.allclose(ours, expected, atol=1e-3), (ours - expected).abs().max()
