@@ -23,7 +23,7 @@ from .cost import cost_cases, measure_cost
 from .cost import markdown_table as cost_table
 from .denoisers import MODELS
 from .denoisers.hub import DIFFUSERS_PREFIX
-from .experiment import Experiment, Limits, ModelCatalog, run_experiment
+from .experiment import Experiment, Limits, ModelCatalog, check_device, run_experiment
 from .images import image_grid, save_png, side_by_side
 from .metrics import train_classifier
 from .quality import quality_metric
@@ -290,7 +290,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     catalog = ModelCatalog(any_diffusers=True, half=args.half)
     if not catalog.accepts(args.model):
         raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(catalog.names())}")
-    _check_device(args.device)
+    check_device(args.device)
     shard = distributed.start(args.device)
     try:
         model = catalog.get(args.model, shard.device)
@@ -322,7 +322,7 @@ def run_cost(args: argparse.Namespace) -> int:
     """Print the cost table."""
     if args.model not in MODELS:
         raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(MODELS)}")
-    _check_device(args.device)
+    check_device(args.device)
     rows = measure_cost(
         args.model,
         args.solver,
@@ -339,13 +339,6 @@ def run_cost(args: argparse.Namespace) -> int:
     )
     print(cost_table(rows))
     return 0
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
 
 
 def machine_description(shard: distributed.Shard) -> str:

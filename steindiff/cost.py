@@ -51,14 +51,14 @@ class CostRow:
     memory_ratio: float
 
 
-def cost_cases(variants: list[str], probe_counts: list[int], batched: bool = True) -> list[CostCase]:
-    """Vanilla, then every variant at every probe count K; with ``batched`` also its batched-probe form (K > 1)."""
+def cost_cases(variants: list[str], probe_counts: list[int]) -> list[CostCase]:
+    """Vanilla, then every variant at every probe count K, and for K > 1 also its batched-probe form."""
     cases = [CostCase("vanilla", None)]
     for variant in variants:
         if variant not in STEIN_VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(STEIN_VARIANTS)}")
         for k in probe_counts:
-            for vectorised in (False, True) if batched and k > 1 else (False,):
+            for vectorised in (False, True) if k > 1 else (False,):
                 label = f"{variant}, K = {k}" + (", batched probes" if vectorised else "")
                 config = SteinConfig(**STEIN_VARIANTS[variant], probes=k, batched_probes=vectorised)
                 cases.append(CostCase(label, config))

@@ -18,7 +18,16 @@ from .schedules import SCHEDULES, make_sigmas
 from .solvers import SOLVERS, SolverOptions, get_solver
 from .stein import SteinConfig
 
-__all__ = ["Experiment", "ExperimentResult", "Limits", "ModelCatalog", "VectorField", "run_experiment", "vector_field"]
+__all__ = [
+    "Experiment",
+    "ExperimentResult",
+    "Limits",
+    "ModelCatalog",
+    "VectorField",
+    "check_device",
+    "run_experiment",
+    "vector_field",
+]
 
 
 @dataclass(frozen=True)
@@ -77,10 +86,7 @@ class Experiment:
             raise ValueError(f"sigma_min ({self.sigma_min}) exceeds sigma_max ({self.sigma_max})")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        check_device(self.device)
 
     def config_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready data (infinite numbers as the string 'inf')."""
@@ -93,6 +99,14 @@ class Experiment:
             return value
 
         return clean(asdict(self))
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless ``device`` is 'cpu', or 'cuda[:N]' with CUDA present."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

@@ -84,9 +84,9 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.T
 
 
 @torch.no_grad()
-def _feature_stats(model: DigitClassifier, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    feats = torch.cat([model.features(images[i : i + batch]) for i in range(0, len(images), batch)]).double()
-    return feats.mean(0), torch.cov(feats.T)
+def _features(model: DigitClassifier, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Penultimate features of ``images`` in chunks, as float64."""
+    return torch.cat([model.features(images[i : i + batch]) for i in range(0, len(images), batch)]).double()
 
 
 def train_classifier(out: Path = ASSETS / CLASSIFIER_FILE, epochs: int = 15, seed: int = 0) -> dict:
@@ -109,7 +109,8 @@ def train_classifier(out: Path = ASSETS / CLASSIFIER_FILE, epochs: int = 15, see
     model.eval()
     with torch.no_grad():
         accuracy = float((model(images[held_idx]).argmax(1) == labels[held_idx]).float().mean())
-    mean, cov = _feature_stats(model, images)
+    feats = _features(model, images)
+    mean, cov = feats.mean(0), torch.cov(feats.T)
     facts = {
         "held_out_accuracy": accuracy,
         "held_out": len(held_idx),
@@ -179,8 +180,7 @@ def classify_digits(samples: torch.Tensor, classifier: LoadedClassifier) -> tupl
     x = torch.nan_to_num(samples.detach().float().cpu(), nan=-1.0, posinf=1.0, neginf=-1.0)
     if x.shape[1:] != DIGIT_SHAPE:
         raise ValueError(f"expected samples of shape (N, 1, 28, 28), got {tuple(x.shape)}")
-    chunks = [x[i : i + 500] for i in range(0, len(x), 500)]
-    feats = torch.cat([classifier.model.features(c) for c in chunks]).double()
+    feats = _features(classifier.model, x)
     probs = torch.cat([torch.softmax(classifier.model.out(f.float()), 1) for f in feats.split(500)])
     return feats, probs
 
