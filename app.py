@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -23,22 +22,19 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr
-import torch
 
 from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL, WeightsError
 from steindiff.denoisers.hub import DIFFUSERS_PREFIX
-from steindiff.experiment import Experiment, ExperimentResult, Limits, ModelCatalog, run_experiment
+from steindiff.experiment import ExperimentResult, ModelCatalog, run_experiment
 from steindiff.images import save_png, side_by_side
+from steindiff.interactive import CUSTOM_RULE, DEFAULT_RULE, DEVICE, LIMITS, SETTINGS, build_experiment
 from steindiff.plots import diagnostics_figure, image_views, particles_figure, steps_csv, summary_markdown
-from steindiff.sampling import DiagnosticsConfig
 from steindiff.schedules import SCHEDULES
 from steindiff.solvers import SOLVERS, get_solver
-from steindiff.stein import SteinConfig
+from steindiff.stein import STEIN_VARIANTS
 
 #: system fonts only: the default theme would fetch web fonts from outside the machine
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-LIMITS = Limits(max_nfe=100, max_batch=4096, max_image_batch=256, max_probes=16, max_lipschitz_samples=64)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 EXPLANATION = """
 ### The contractivity trap, in one paragraph
@@ -64,51 +60,24 @@ solver failure; L far above the exact flow is.
 """
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "safe: 32 NFE": {
-        "solver": "dpmpp_2m",
-        "schedule": "karras",
-        "nfe": 32,
-        "stein_on": True,
-        "literal": False,
-        "gamma_max": 1.0,
-    },
-    "trap: 4 NFE Euler": {
-        "solver": "ddim",
-        "schedule": "karras",
-        "nfe": 4,
-        "stein_on": True,
-        "literal": False,
-        "gamma_max": 1.0,
-    },
+    "safe: 32 NFE": {"solver": "dpmpp_2m", "schedule": "karras", "nfe": 32, "stein_on": True, "rule": DEFAULT_RULE},
+    "trap: 4 NFE Euler": {"solver": "ddim", "schedule": "karras", "nfe": 4, "stein_on": True, "rule": DEFAULT_RULE},
     "Stein rescues 3-step Heun (5 NFE)": {
         "solver": "heun",
-        "schedule": "logsnr",
+        "schedule": "karras",
         "nfe": 5,
         "stein_on": True,
-        "literal": True,
+        "rule": "stein",
     },
-    "literal rule diverges": {"solver": "dpmpp_2m", "schedule": "karras", "nfe": 10, "stein_on": True, "literal": True},
+    "literal rule diverges": {"solver": "dpmpp_2m", "schedule": "karras", "nfe": 10, "stein_on": True, "rule": "stein"},
+    "safeguarded rule, same run": {
+        "solver": "dpmpp_2m",
+        "schedule": "karras",
+        "nfe": 10,
+        "stein_on": True,
+        "rule": DEFAULT_RULE,
+    },
 }
-
-#: (name, default) of the settings, in the order of the /run endpoint's parameters and of the URL
-SETTINGS: list[tuple[str, Any]] = [
-    ("model", DEFAULT_IMAGE_MODEL),
-    ("solver", "dpmpp_2m"),
-    ("schedule", "karras"),
-    ("nfe", 5),
-    ("batch", 16),
-    ("seed", 0),
-    ("stein_on", True),
-    ("gamma_min", 0.1),
-    ("gamma_max", 1.0),
-    ("literal", True),
-    ("probes", 2),
-    ("probe", "rademacher"),
-    ("coords", "edm"),
-    ("variant", "batch"),
-    ("lipschitz", True),
-    ("reference", True),
-]
 
 
 @dataclass
@@ -117,72 +86,6 @@ class Shown:
 
     result: ExperimentResult
     step: int
-
-
-def build_experiment(
-    catalog: ModelCatalog,
-    model: str,
-    solver: str,
-    schedule: str,
-    nfe: float,
-    batch: float,
-    seed: float,
-    stein_on: bool,
-    gamma_min: float,
-    gamma_max: float,
-    literal: bool,
-    probes: float,
-    probe: str,
-    coords: str,
-    variant: str,
-    lipschitz: bool,
-    reference: bool,
-) -> Experiment:
-    """The settings of the form (or of the /run call) as a validated Experiment; ValueError names the problem."""
-    numbers = {
-        "nfe": nfe,
-        "batch": batch,
-        "seed": seed,
-        "probes": probes,
-        "gamma_min": gamma_min,
-        "gamma_max": gamma_max,
-    }
-    for name, value in numbers.items():
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise ValueError(f"{name} must be a number, got {value}")
-    for name in ("nfe", "batch", "seed", "probes"):
-        if float(numbers[name]) != int(numbers[name]):
-            raise ValueError(f"{name} must be a whole number, got {numbers[name]}")
-    image = model in catalog.names() and catalog.kind(model) == "image"
-    stein = SteinConfig(
-        gamma_min=float(gamma_min),
-        gamma_max=math.inf if literal else float(gamma_max),
-        probes=int(probes),
-        probe=probe,
-        coords=coords,
-        variant=variant,
-    )
-    # interactive budgets: a few samples for the Lipschitz estimates, a subset for the reference error
-    diagnostics = DiagnosticsConfig(
-        lipschitz=bool(lipschitz),
-        lipschitz_samples=4,
-        lipschitz_iters=3 if image else 20,
-        flow_log_step=0.25,
-        reference=bool(reference),
-        reference_samples=4 if image else 64,
-        reference_log_step=0.25 if image else 0.1,
-    )
-    return Experiment(
-        model=model,
-        solver=solver,
-        schedule=schedule,
-        nfe=int(nfe),
-        batch=int(batch),
-        seed=int(seed),
-        stein=stein if stein_on else None,
-        diagnostics=diagnostics,
-        device=DEVICE,
-    )
 
 
 def render(shown: Shown) -> tuple:
@@ -244,6 +147,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         gamma_min: float,
         gamma_max: float,
         literal: bool,
+        rule: str,
         probes: float,
         probe: str,
         coords: str,
@@ -264,6 +168,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             gamma_min,
             gamma_max,
             literal,
+            rule,
             probes,
             probe,
             coords,
@@ -344,9 +249,14 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                     dice = gr.Button("random seed", scale=1)
                 with gr.Accordion("Stein correction", open=True):
                     stein_on = gr.Checkbox(True, label="run the corrected sampler beside vanilla")
-                    literal = gr.Checkbox(True, label="literal rule: no upper clip (gamma_max = inf)")
-                    gamma_min = gr.Number(0.1, label="gamma_min")
-                    gamma_max = gr.Number(1.0, label="gamma_max (when not literal)")
+                    rule = gr.Dropdown(
+                        [*STEIN_VARIANTS, CUSTOM_RULE],
+                        value=DEFAULT_RULE,
+                        label="rule (see README: stein = the paper's literal rule; custom = the clip below)",
+                    )
+                    literal = gr.Checkbox(True, label="custom: no upper clip (gamma_max = inf)")
+                    gamma_min = gr.Number(0.1, label="custom: gamma_min")
+                    gamma_max = gr.Number(1.0, label="custom: gamma_max (when not literal)")
                     probes = gr.Slider(1, LIMITS.max_probes, value=2, step=1, label="Hutchinson probes K")
                     probe = gr.Radio(["rademacher", "gaussian", "exact"], value="rademacher", label="probe")
                     coords = gr.Radio(["edm", "vp"], value="edm", label="coordinates of the combination")
@@ -388,6 +298,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             gamma_min,
             gamma_max,
             literal,
+            rule,
             probes,
             probe,
             coords,

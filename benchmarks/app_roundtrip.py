@@ -27,7 +27,7 @@ from gradio_client import Client
 import app
 from steindiff.experiment import ModelCatalog
 
-BASE = {**dict(app.SETTINGS), "solver": "dpmpp_2m", "schedule": "karras", "nfe": 5, "literal": True}
+BASE = {**dict(app.SETTINGS), "solver": "dpmpp_2m", "schedule": "karras", "nfe": 5}
 CASES = {
     "mnist, NFE 5, batch 16": {"model": "mnist", "batch": 16},
     "gmm-ring, NFE 5, 2,000 particles": {"model": "gmm-ring", "batch": 2000},

@@ -2,6 +2,10 @@
 
     python benchmarks/results.py                       # the full sweep of the benchmark issue, every model
     python benchmarks/results.py --models mnist --samples 256 --nfe 3,5,10 --probes 2 --processes 2
+    python benchmarks/results.py --models '' --merge mnist runs/mnist-heun-karras runs/mnist-ddim-karras ...
+
+--merge MODEL FOLDER... joins sweeps of one model run as separate bench calls (one per solver and schedule,
+say, on a machine lent for minutes: benchmarks/gpu_session.sh) into docs/results/MODEL/, as one sweep.
 
 A model's sweep is `python -m steindiff bench` (under `torchrun` with --processes > 1) into
 docs/results/<model>/; the cost table is `python -m steindiff cost` into docs/results/cost.md. The page
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from steindiff.bench_report import headline, verdicts  # noqa: E402
+from steindiff.bench import BenchConfig, CellResult  # noqa: E402
+from steindiff.bench_report import headline, verdicts, write_outputs  # noqa: E402
 
 DEFAULT_MODELS = "mnist,mlp-ring,mlp-aniso,mlp-moons"
 FULL = {
@@ -75,6 +81,32 @@ def model_section(folder: Path) -> str:
     )
 
 
+def merge(model: str, folders: list[Path], out: Path) -> None:
+    """One sweep folder from several of the same model and settings: union of cells, summed wall time."""
+    documents = [json.loads((folder / "results.json").read_text()) for folder in folders]
+    configs = [d["config"] for d in documents]
+    if any(c["model"] != model for c in configs):
+        raise SystemExit(f"--merge {model}: the folders hold other models")
+    same = ("samples", "seeds", "batch", "probes", "reference_samples", "nfe", "variants")
+    for key in same:
+        if any(c[key] != configs[0][key] for c in configs):
+            raise SystemExit(f"--merge: the folders differ in {key}")
+    fields = set(CellResult.__dataclass_fields__) - {"scores"}
+
+    def cell(row: dict) -> CellResult:  # JSON holds a non-finite score as null: it comes back as NaN
+        scores = {k: math.nan if v is None else v for k, v in row.items() if k not in fields}
+        return CellResult(**{k: v for k, v in row.items() if k in fields}, scores=scores)
+
+    cells = [cell(r) for d in documents for r in d["per_seed"]]
+    union = {key: tuple(dict.fromkeys(v for c in configs for v in c[key])) for key in ("solvers", "schedules")}
+    config = BenchConfig(**{**configs[0], **union, "seeds": tuple(configs[0]["seeds"])})
+    facts = dict(documents[0]["facts"])
+    seconds = sum(float(d["facts"]["wall time"].split()[0]) for d in documents)
+    facts["wall time"] = f"{seconds:.0f} s in {len(documents)} bench runs"
+    facts["command"] = "; ".join(d["facts"]["command"] for d in documents)
+    write_outputs(config, cells, out / "results" / model, facts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=DEFAULT_MODELS, help="sweep these (comma-separated); '' for none")
@@ -89,8 +121,11 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="torchrun processes per sweep")
     parser.add_argument("--skip-cost", action="store_true", help="keep docs/results/cost.md as it is")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--merge", nargs="+", metavar=("MODEL", "FOLDER"), help="join these sweeps of MODEL first")
     args = parser.parse_args()
     results = args.out / "results"
+    if args.merge:
+        merge(args.merge[0], [Path(f) for f in args.merge[1:]], args.out)
     for model in filter(None, args.models.split(",")):
         _run(
             [

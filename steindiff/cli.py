@@ -30,7 +30,7 @@ from .quality import quality_metric
 from .sampling import DiagnosticsConfig
 from .schedules import SCHEDULES
 from .solvers import SOLVERS, SolverOptions
-from .stein import SteinConfig
+from .stein import DEFAULT_VARIANT, STEIN_VARIANTS, SteinConfig
 from .train import TrainConfig, train
 
 MAX_NFE = Limits.max_nfe
@@ -110,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     solver.add_argument("--no-unipc-corrector", action="store_true")
     stein = run.add_argument_group("Stein correction")
     stein.add_argument("--stein", action="store_true", help="also run the corrected sampler")
-    stein.add_argument("--gamma-min", type=_real, default=SteinConfig.gamma_min)
-    stein.add_argument("--gamma-max", type=_real, default=SteinConfig.gamma_max, help="inf = the literal rule")
+    stein.add_argument(
+        "--rule",
+        choices=(*STEIN_VARIANTS, "custom"),
+        default=DEFAULT_VARIANT,
+        help="a named variant (stein = the paper's literal rule), or custom: --gamma-min/--gamma-max alone",
+    )
+    stein.add_argument("--gamma-min", type=_real, default=SteinConfig.gamma_min, help="custom rule only")
+    stein.add_argument("--gamma-max", type=_real, default=SteinConfig.gamma_max, help="custom: inf = literal")
     stein.add_argument("--probes", type=_int_in(1, 256), default=SteinConfig.probes)
     stein.add_argument("--probe", choices=("rademacher", "gaussian", "exact"), default=SteinConfig.probe)
     stein.add_argument("--coords", choices=("edm", "vp"), default=SteinConfig.coords)
@@ -183,9 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
     """The :class:`Experiment` described by ``sample``'s arguments (settings validated on construction)."""
     image = args.model.startswith(DIFFUSERS_PREFIX) or (args.model in MODELS and MODELS[args.model].kind == "image")
+    gammas = (
+        {"gamma_min": args.gamma_min, "gamma_max": args.gamma_max}
+        if args.rule == "custom"
+        else STEIN_VARIANTS[args.rule]
+    )
     stein = SteinConfig(  # validated even without --stein: a bad setting is an error either way
-        gamma_min=args.gamma_min,
-        gamma_max=args.gamma_max,
+        **gammas,
         probes=args.probes,
         probe=args.probe,
         coords=args.coords,

@@ -15,7 +15,7 @@ import torch
 from .denoisers.base import CountingDenoiser, Denoiser
 from .diagnostics import lipschitz_bound, local_lipschitz, mean_distance
 from .reference import flow_map, reference_trajectory
-from .solvers import SolverOptions, SolverSpec, get_solver
+from .solvers import SolverOptions, SolverSpec, get_solver, with_lookahead
 from .stein import SteinConfig, SteinStats, combine, divergence, stein_update
 
 __all__ = [
@@ -76,6 +76,7 @@ class StepRecord:
     s_uu: float | None = None
     s_div: float | None = None
     s_div_se: float | None = None
+    gamma_se: float | None = None
     lipschitz_max: float | None = None
     lipschitz_median: float | None = None
     lipschitz_denoiser_max: float | None = None
@@ -223,8 +224,14 @@ def sample(
         callback=callback,
     )
     if diagnostics.lipschitz:
-        _measure_lipschitz(denoiser, [(run, maps)], sigmas, solver, options, diagnostics, seed)
+        _measure_lipschitz(denoiser, [(run, maps, step_map_spec(solver, stein))], sigmas, options, diagnostics, seed)
     return run
+
+
+def step_map_spec(solver: str | SolverSpec, stein: SteinConfig | None) -> SolverSpec:
+    """The solver whose step the run applies: with the look-ahead corrector when ``stein.lookahead``."""
+    spec = get_solver(solver) if isinstance(solver, str) else solver
+    return with_lookahead(spec) if stein is not None and stein.lookahead else spec
 
 
 def _integrate(
@@ -243,7 +250,7 @@ def _integrate(
     callback: Callable[[StepRecord, torch.Tensor], None] | None = None,
 ) -> tuple[RunResult, list[_MapAtStep | None]]:
     """The sampling loop; also returns, per step, what the Lipschitz post-pass needs."""
-    spec = get_solver(solver) if isinstance(solver, str) else solver
+    spec = step_map_spec(solver, stein)
     options = options or SolverOptions()
     grid = _grid(sigmas)
     counter = CountingDenoiser(denoiser)
@@ -272,7 +279,7 @@ def _integrate(
         if stats is not None:
             record.gamma_raw, record.gamma = stats.gamma_raw, stats.gamma
             record.s_xu, record.s_uu, record.s_div = stats.s_xu, stats.s_uu, stats.s_div
-            record.s_div_se = stats.s_div_se
+            record.s_div_se, record.gamma_se = stats.s_div_se, stats.gamma_se
         record.finite = bool(torch.isfinite(x_next).all())
         if reference is not None:
             record.err_ref = mean_distance(x_next[: len(reference[k + 1])], reference[k + 1])
@@ -312,21 +319,19 @@ def _integrate(
 
 def _measure_lipschitz(
     denoiser: Denoiser,
-    runs: list[tuple[RunResult, list[_MapAtStep | None]]],
+    runs: list[tuple[RunResult, list[_MapAtStep | None], SolverSpec]],
     sigmas: Sequence[float] | torch.Tensor,
-    solver: str | SolverSpec,
     options: SolverOptions | None,
     config: DiagnosticsConfig,
     seed: int,
 ) -> None:
     """Fill the Lipschitz fields of every run's trace, batching what can share a network call.
 
-    At step k the runs' applied maps share the grid, the solver and the shapes of the history, so one
-    batched Krylov estimate serves all runs; the denoiser's constant at every step of every run is one
+    At step k the runs that apply the same solver step share the grid and the shapes of the history, so
+    one batched Krylov estimate serves them; the denoiser's constant at every step of every run is one
     more batched call with per-sample noise levels. Samples never interact, so batching changes nothing
     but the cost. The recorded ``diagnostics_time_s`` of a step is that of its shared batch.
     """
-    spec = get_solver(solver) if isinstance(solver, str) else solver
     options = options or SolverOptions()
     grid = _grid(sigmas)
 
@@ -336,41 +341,15 @@ def _measure_lipschitz(
 
     den_x, den_sigma, den_owner = [], [], []
     for k in range(len(grid) - 1):
-        start = time.perf_counter()
-        present = [(run, maps[k]) for run, maps in runs if maps[k] is not None]
-        if not present:
-            continue
-        x = torch.cat([m.x for _, m in present])
-        history = tuple(torch.cat(parts) for parts in zip(*(m.history for _, m in present), strict=True))
-        gamma = torch.cat([_per_sample(m.gamma, len(m.x), x) for _, m in present])
-        scale = next((m.scale for _, m in present if m.gamma is not None), 1.0)
-
-        def step_map(
-            z: torch.Tensor, k: int = k, history: tuple = history, gamma: torch.Tensor = gamma, scale: float = scale
-        ) -> torch.Tensor:
-            return combine(z, spec.step(denoiser, z, grid, k, history, options).x_next, gamma, scale)
-
-        step_l = lip(step_map, x, k, 0)
-        flow_l = None
-        if config.flow_lipschitz and denoiser.exact:
-
-            def exact_flow(z: torch.Tensor, k: int = k) -> torch.Tensor:
-                return flow_map(denoiser, z, grid[k], grid[k + 1], max_log_step=config.flow_log_step)
-
-            flow_l = lip(exact_flow, x, k, 2)
-        elapsed = time.perf_counter() - start
-        offset = 0
-        for run, m in present:
-            part = slice(offset, offset + len(m.x))
-            offset += len(m.x)
-            record = run.trace[k]
-            record.lipschitz_max, record.lipschitz_median = float(step_l[part].max()), float(step_l[part].median())
-            if flow_l is not None:
-                record.lipschitz_flow_max = float(flow_l[part].max())
-            record.diagnostics_time_s = elapsed
-            den_x.append(m.x)
-            den_sigma.append(torch.full((len(m.x),), grid[k], dtype=m.x.dtype, device=m.x.device))
-            den_owner.append(record)
+        for name in dict.fromkeys(spec.name for _, _, spec in runs):
+            present = [(run, maps[k], spec) for run, maps, spec in runs if spec.name == name and maps[k] is not None]
+            if not present:
+                continue
+            records = _lipschitz_at_step(denoiser, present, grid, k, options, config, lip)
+            for (_, m, _), record in zip(present, records, strict=True):
+                den_x.append(m.x)
+                den_sigma.append(torch.full((len(m.x),), grid[k], dtype=m.x.dtype, device=m.x.device))
+                den_owner.append(record)
     if not den_x:
         return
     sigma_all = torch.cat(den_sigma)
@@ -380,6 +359,48 @@ def _measure_lipschitz(
         record.lipschitz_denoiser_max = float(den_l[offset : offset + len(part_x)].max())
         offset += len(part_x)
         record.bound_paper = lipschitz_bound(record.sigma, record.sigma_next, record.lipschitz_denoiser_max)
+
+
+def _lipschitz_at_step(
+    denoiser: Denoiser,
+    present: list[tuple[RunResult, _MapAtStep, SolverSpec]],
+    grid: list[float],
+    k: int,
+    options: SolverOptions,
+    config: DiagnosticsConfig,
+    lip: Callable[..., torch.Tensor],
+) -> list[StepRecord]:
+    """One batched Krylov estimate of step k's applied map for runs of one solver step; fills their records."""
+    start = time.perf_counter()
+    spec = present[0][2]
+    x = torch.cat([m.x for _, m, _ in present])
+    history = tuple(torch.cat(parts) for parts in zip(*(m.history for _, m, _ in present), strict=True))
+    gamma = torch.cat([_per_sample(m.gamma, len(m.x), x) for _, m, _ in present])
+    scale = next((m.scale for _, m, _ in present if m.gamma is not None), 1.0)
+
+    def step_map(z: torch.Tensor) -> torch.Tensor:
+        return combine(z, spec.step(denoiser, z, grid, k, history, options).x_next, gamma, scale)
+
+    step_l = lip(step_map, x, k, 0)
+    flow_l = None
+    if config.flow_lipschitz and denoiser.exact:
+
+        def exact_flow(z: torch.Tensor) -> torch.Tensor:
+            return flow_map(denoiser, z, grid[k], grid[k + 1], max_log_step=config.flow_log_step)
+
+        flow_l = lip(exact_flow, x, k, 2)
+    elapsed = time.perf_counter() - start
+    records, offset = [], 0
+    for run, m, _ in present:
+        part = slice(offset, offset + len(m.x))
+        offset += len(m.x)
+        record = run.trace[k]
+        record.lipschitz_max, record.lipschitz_median = float(step_l[part].max()), float(step_l[part].median())
+        if flow_l is not None:
+            record.lipschitz_flow_max = float(flow_l[part].max())
+        record.diagnostics_time_s = elapsed
+        records.append(record)
+    return records
 
 
 def _per_sample(gamma: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -416,11 +437,12 @@ def compare(
         reference = reference_trajectory(denoiser, x[: diagnostics.reference_samples], grid, log_step)
     elif not diagnostics.reference:
         reference = None
-    observer = SteinConfig(**{**asdict(stein), "apply": False}) if stein is not None and observe_vanilla else None
+    observe = stein is not None and observe_vanilla
+    observer = SteinConfig(**{**asdict(stein), "apply": False, "lookahead": False}) if observe else None
 
-    def run(config: SteinConfig | None, label: str) -> tuple[RunResult, list[_MapAtStep | None]]:
+    def run(config: SteinConfig | None, label: str) -> tuple[RunResult, list[_MapAtStep | None], SolverSpec]:
         hook = (lambda record, _x: callback(label, record)) if callback else None
-        return _integrate(
+        return *_integrate(
             denoiser,
             x,
             grid,
@@ -432,10 +454,10 @@ def compare(
             seed=seed,
             label=label,
             callback=hook,
-        )
+        ), step_map_spec(solver, config)
 
     runs = [run(observer, "vanilla")] + ([run(stein, "stein")] if stein is not None else [])
     if diagnostics.lipschitz:
-        _measure_lipschitz(denoiser, runs, grid, solver, options, diagnostics, seed)
+        _measure_lipschitz(denoiser, runs, grid, options, diagnostics, seed)
     vanilla, corrected = runs[0][0], (runs[1][0] if len(runs) > 1 else None)
     return Comparison(grid, vanilla, corrected, reference)

@@ -29,6 +29,7 @@ __all__ = [
     "get_solver",
     "heun_step",
     "unipc_step",
+    "with_lookahead",
 ]
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -226,6 +227,8 @@ class SolverSpec:
     step: StepFn
     description: str
     evals_per_step: int = 1
+    #: the step already evaluates the denoiser at a look-ahead point and corrects with it (UniPC, Heun)
+    looks_ahead: bool = False
 
     def nfe(self, steps: int) -> int:
         """NFE of ``steps`` steps ending at sigma = 0 (Heun: 2 per step, 1 for the last)."""
@@ -244,11 +247,50 @@ SOLVERS: dict[str, SolverSpec] = {
         SolverSpec("ddim", ddim_step, "DDIM = DPM-Solver-1 = Euler in EDM coordinates"),
         SolverSpec("dpmpp_2m", dpmpp_2m_step, "DPM-Solver++(2M), multistep, 1 NFE a step"),
         SolverSpec("dpmpp_3m", dpmpp_3m_step, "DPM-Solver++(3M), multistep, 1 NFE a step"),
-        SolverSpec("unipc", unipc_step, "UniPC (predictor + corrector, no extra NFE)"),
-        SolverSpec("heun", heun_step, "EDM Heun: 2 NFE a step, 1 for the last", evals_per_step=2),
+        SolverSpec("unipc", unipc_step, "UniPC (predictor + corrector, no extra NFE)", looks_ahead=True),
+        SolverSpec("heun", heun_step, "EDM Heun: 2 NFE a step, 1 for the last", evals_per_step=2, looks_ahead=True),
     )
 }
 SOLVERS["euler"] = SolverSpec("euler", ddim_step, "Euler in EDM coordinates (the same map as DDIM)")
+
+
+def _lookahead(base: StepFn, weight: float) -> StepFn:
+    def step(
+        denoise: DenoiseFn, x: torch.Tensor, sigmas: Sequence[float], k: int, history: History, options: SolverOptions
+    ) -> StepResult:
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        if history:  # history[0] = D(x~_k), the previous step's look-ahead evaluation, stands in for D(x_k)
+            ahead = history[0]
+            predicted = base(lambda _x, _s: ahead, x, sigmas, k, history[1:], options)
+        else:
+            predicted = base(denoise, x, sigmas, k, (), options)
+        if sigma_next == 0:
+            return predicted
+        d_ahead = denoise(predicted.x_next, _sig(sigma_next, x))
+        x_next = predicted.x_next + weight * (1 - sigma_next / sigma) * (d_ahead - predicted.denoised)
+        return StepResult(x_next, predicted.denoised, (d_ahead, *predicted.history))
+
+    return step
+
+
+def with_lookahead(spec: SolverSpec, weight: float = 0.5) -> SolverSpec:
+    """SC design A: the solver's step followed by a look-ahead correction, at no extra NFE.
+
+    With P the solver's own step (its m0 the previous look-ahead evaluation, as in UniPC):
+        x~ = P(x_k),   T_SC(x_k) = x~ + w (1 - sigma'/sigma) (D(x~; sigma') - m0)
+    i.e. e^{-h} x_k + (1 - e^{-h}) [(1 - w) m0 + w D(x~)] plus P's multistep terms: for DDIM and w = 1/2
+    the trapezoid rule, which is UniC-1 (Zhao et al. 2023, Eq. 8 with B(h) = expm1(-h)). D(x~; sigma') is
+    the next step's m0, so N steps cost N NFE (2 at the first step, none at the last, where T_SC = P).
+    Solvers that already correct with a look-ahead evaluation (UniPC, Heun) are returned unchanged.
+    """
+    if spec.looks_ahead:
+        return spec
+    return SolverSpec(
+        f"{spec.name}+lookahead",
+        _lookahead(spec.step, weight),
+        f"{spec.description}, with a look-ahead corrector (weight {weight})",
+        looks_ahead=True,
+    )
 
 
 def get_solver(name: str) -> SolverSpec:

@@ -13,6 +13,20 @@ Stein's identity for x_k | x* ~ N(alpha x*, sigma^2 I), E<u, x_k - alpha x*> = s
 Coordinates: the combination (and so gamma) depends on the coordinates it is taken in. "edm" uses
 x = x0 + sigma eps (alpha = 1: the drift term vanishes); "vp" uses x_vp = alpha x with
 alpha = (1 + sigma^2)^(-1/2) and sigma_vp = alpha sigma.
+
+Noise-level consistency (our safeguard and SC design B, no extra network evaluation). In the model the
+rule itself assumes, x_k = x* + sigma_k eps, the expected squared distance to x* after the step is
+
+    J(gamma) = E||x_k - gamma u - x*||^2 = d sigma_k^2 - 2 gamma b + gamma^2 c,   b = sigma_k^2 s_div, c = s_uu
+
+and gamma_raw = b / c is its minimiser. A state on the marginal at sigma_{k-1}, with x* drawn from its
+posterior, has E||x - x*||^2 = E||x - D||^2 + tr Cov[x0|x] = sigma^2 (d - E div D) + sigma^2 E div D
+= d sigma_{k-1}^2 (the noise-level identity plus Tweedie's covariance). The literal rule ignores this
+floor: it lands near the posterior mean D(x_k) (J far below d sigma_{k-1}^2), the next state has too
+little noise for its level, u collapses while sigma^2 div u does not, and gamma explodes (1e3-1e5
+measured). "cap" keeps gamma on the segment from 1 to gamma_raw where J(gamma) >= d sigma_{k-1}^2;
+"match" takes the root of J(gamma) = d sigma_{k-1}^2 nearest to 1 (gamma_raw when J never gets down
+to the floor). Both are defined in EDM coordinates.
 """
 
 from __future__ import annotations
@@ -24,6 +38,8 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "DEFAULT_VARIANT",
+    "SAFEGUARDS",
     "STEIN_VARIANTS",
     "DivergenceEstimate",
     "SteinConfig",
@@ -31,11 +47,13 @@ __all__ = [
     "combine",
     "divergence",
     "draw_probes",
+    "noise_level_gamma",
     "stein_update",
     "vp_alpha",
 ]
 
 ProbeKind = Literal["rademacher", "gaussian", "exact"]
+NoiseLevel = Literal["off", "cap", "match"]
 EXACT_TRACE_MAX_DIM = 1024
 
 
@@ -51,6 +69,14 @@ class SteinConfig:
     apply: False observes only: every statistic is computed and recorded, but gamma = 1 is used.
     batched_probes: all K probes in one vectorised backward (``is_grads_batched``) instead of K
         backward passes; the same estimate, a different speed (see the cost benchmark).
+    noise_level: "off", "cap" (safeguard) or "match" (SC design B): see the module docstring.
+    max_gamma_se: fall back to gamma = 1 (the solver's own step) when the standard error of the batch
+        estimate gamma_raw (over the samples of the batch, probe noise included) exceeds this.
+    lookahead: SC design A, the step map T_SC with the look-ahead evaluation (see ``sampling``).
+    trust_region: gamma_bound = sigma_k / (sigma_k - sigma_{k-1}) takes an Euler step onto D(x_k), the
+        posterior mean: the ideal-denoiser optimum (1 into sigma = 0), which the rule reproduces on the
+        true marginal. gamma_raw up to 2 standard errors above it is clipped to it; further above, the
+        rule's premise (x_k on its marginal) has failed, and the solver's own step (gamma = 1) is used.
     """
 
     gamma_min: float = 0.1
@@ -61,6 +87,10 @@ class SteinConfig:
     variant: Literal["batch", "per_sample"] = "batch"
     apply: bool = True
     batched_probes: bool = False
+    noise_level: NoiseLevel = "off"
+    max_gamma_se: float = math.inf
+    lookahead: bool = False
+    trust_region: bool = False
 
     def __post_init__(self) -> None:
         if math.isnan(self.gamma_min) or math.isnan(self.gamma_max):
@@ -75,13 +105,28 @@ class SteinConfig:
             raise ValueError(f"coords must be 'edm' or 'vp', got {self.coords!r}")
         if self.variant not in ("batch", "per_sample"):
             raise ValueError(f"variant must be 'batch' or 'per_sample', got {self.variant!r}")
+        if self.noise_level not in ("off", "cap", "match"):
+            raise ValueError(f"noise_level must be 'off', 'cap' or 'match', got {self.noise_level!r}")
+        if (self.noise_level != "off" or self.trust_region) and self.coords != "edm":
+            raise ValueError("the noise-level rules and the trust region are defined in EDM coordinates")
+        if not self.max_gamma_se > 0:
+            raise ValueError(f"max_gamma_se must be > 0, got {self.max_gamma_se}")
 
+
+#: the safeguards of the "safe" variants: extrapolate only (gamma >= 1), never below the next noise level's
+#: floor nor past the posterior mean, and the solver's own step when the batch estimate is too noisy
+SAFEGUARDS: dict = {"gamma_min": 1.0, "noise_level": "cap", "trust_region": True, "max_gamma_se": 0.5}
 
 #: named settings of the correction for the CLI, the benchmark and the app (probes are set separately)
 STEIN_VARIANTS: dict[str, dict] = {
     "stein": {"gamma_max": math.inf},  # the paper's literal rule: gamma clipped below at 0.1 only
     "stein-cap1": {"gamma_max": 1.0},  # gamma in [0.1, 1]: never extrapolates past the solver
+    "stein-safe": SAFEGUARDS,
+    "sc-noise": {"noise_level": "match"},  # SC design B: gamma puts the state at the next noise level
+    "sc-lookahead": {**SAFEGUARDS, "lookahead": True},  # SC design A (look-ahead map), with the safeguards
 }
+#: the variant the app and the CLI start with, chosen by the benchmark (docs/results.md)
+DEFAULT_VARIANT = "stein-safe"
 
 
 @dataclass(frozen=True)
@@ -106,6 +151,7 @@ class SteinStats:
     s_uu: float
     s_div: float
     s_div_se: float
+    gamma_se: float = math.nan
     gamma_per_sample: torch.Tensor | None = None
     #: the coefficient actually used, a 0-d or (B,) tensor, and the factor on x_k in EDM coordinates
     applied: torch.Tensor | None = None
@@ -119,12 +165,6 @@ def draw_probes(like: torch.Tensor, kind: ProbeKind, generator: torch.Generator)
     else:
         v = torch.randn(like.shape, generator=generator, dtype=torch.float64)
     return v.to(dtype=like.dtype, device=like.device)
-
-
-def _quadratic_form(t: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """v_i^T (dT/dx)_i v_i per sample, by one VJP (samples never interact)."""
-    (vjp,) = torch.autograd.grad(t, x, grad_outputs=v, retain_graph=True)
-    return (v * vjp).flatten(1).sum(1).to(torch.float64)
 
 
 def divergence(
@@ -152,7 +192,8 @@ def divergence(
         for j in range(dim):
             basis = torch.zeros_like(x).flatten(1)
             basis[:, j] = 1
-            total = total + _quadratic_form(t, x, basis.reshape(x.shape))
+            (vjp,) = torch.autograd.grad(t, x, grad_outputs=basis.reshape(x.shape), retain_graph=True)
+            total = total + vjp.flatten(1)[:, j].to(torch.float64)
         return DivergenceEstimate(total, 0.0)
     v = torch.stack([draw_probes(x, kind, generator) for _ in range(probes)])  # (K, B, ...)
     if batched:
@@ -175,6 +216,43 @@ def _clip(gamma_raw: torch.Tensor, config: SteinConfig) -> torch.Tensor:
     """clip(gamma, gamma_min, gamma_max); an undefined gamma (0/0: u = 0, or a NaN state) keeps the candidate (1)."""
     clipped = gamma_raw.clamp(config.gamma_min, config.gamma_max)
     return torch.where(torch.isnan(gamma_raw), torch.ones_like(gamma_raw), clipped)
+
+
+def _ratio_se(numerators: torch.Tensor, denominators: torch.Tensor, ratio: torch.Tensor) -> float:
+    """Standard error of the ratio of batch means sum(a_i) / sum(c_i) (delta method), NaN for B < 2."""
+    if numerators.numel() < 2 or not bool(torch.isfinite(ratio)):
+        return math.nan
+    influence = numerators - ratio * denominators
+    return float(influence.std() / math.sqrt(numerators.numel()) / denominators.mean())
+
+
+def noise_level_gamma(
+    gamma_raw: torch.Tensor, c: torch.Tensor, dim: int, sigma: float, sigma_next: float, mode: NoiseLevel
+) -> torch.Tensor:
+    """gamma under the noise-level rule ("cap" or "match"; module docstring), from gamma_raw = b / c.
+
+    Roots of J(gamma) = d sigma_{k-1}^2, i.e. c gamma^2 - 2 b gamma + d (sigma_k^2 - sigma_{k-1}^2) = 0.
+    Where J never reaches the floor (no real root) both modes keep gamma_raw; "cap" also keeps 1 when the
+    solver's own step is already at or below the floor. An undefined gamma_raw (c = 0) stays undefined.
+    """
+    b = gamma_raw * c
+    gap = dim * (sigma**2 - sigma_next**2)
+    disc = b * b - c * gap
+    root = disc.clamp(min=0).sqrt()
+    low, high = (b - root) / c, (b + root) / c
+    nearest = torch.where((low - 1).abs() <= (high - 1).abs(), low, high)
+    reaches = disc > 0
+    if mode == "match":
+        return torch.where(reaches, nearest, gamma_raw)
+    solver_below = gap - 2 * b + c <= 0  # J(1) <= d sigma_{k-1}^2
+    capped = torch.where(solver_below, torch.ones_like(gamma_raw), nearest)
+    return torch.where(reaches, capped, gamma_raw)
+
+
+def _trust_region(gamma: torch.Tensor, gamma_raw: torch.Tensor, bound: float, se: float) -> torch.Tensor:
+    """gamma clipped to ``bound``, or 1 where gamma_raw exceeds it by more than 2 standard errors (NaN stays)."""
+    inconsistent = gamma_raw > bound + 2 * se
+    return torch.where(inconsistent, torch.ones_like(gamma), gamma.clamp(max=bound))
 
 
 def stein_update(
@@ -203,10 +281,20 @@ def stein_update(
     xu, uu = (u * x_c.flatten(1)).sum(1), (u * u).sum(1)
     drift, geometric = 1 - 1 / alpha_c, sigma_c**2 / alpha_c
     if config.variant == "per_sample":
-        gamma_raw = (drift * xu + geometric * div_u) / uu
+        gamma_raw, c = (drift * xu + geometric * div_u) / uu, uu
+        gamma_se = math.nan
     else:
-        gamma_raw = (drift * xu.mean() + geometric * div_u.mean()) / uu.mean()
-    gamma = _clip(gamma_raw, config) if config.apply else torch.ones_like(gamma_raw)
+        gamma_raw, c = (drift * xu.mean() + geometric * div_u.mean()) / uu.mean(), uu.mean()
+        gamma_se = _ratio_se(drift * xu + geometric * div_u, uu, gamma_raw)
+    gamma_raw = torch.where(c > 0, gamma_raw, torch.full_like(gamma_raw, math.nan))  # u = 0: undefined
+    gamma = gamma_raw
+    if config.noise_level != "off":
+        gamma = noise_level_gamma(gamma_raw, c, dim, sigma, sigma_next, config.noise_level)
+    if config.trust_region:
+        gamma = _trust_region(gamma, gamma_raw, sigma / (sigma - sigma_next), 0.0 if math.isnan(gamma_se) else gamma_se)
+    gamma = _clip(gamma, config)
+    if not config.apply or gamma_se > config.max_gamma_se:
+        gamma = torch.ones_like(gamma_raw)
     per_sample = gamma.ndim == 1
     x_next = combine(x, t, gamma, scale)
     stats = SteinStats(
@@ -216,6 +304,7 @@ def stein_update(
         s_uu=float(uu.mean()),
         s_div=float(div_u.mean()),
         s_div_se=div_t.batch_se * div_scale,
+        gamma_se=gamma_se,
         gamma_per_sample=gamma.cpu() if per_sample else None,
         applied=gamma,
         scale=scale,

@@ -11,7 +11,7 @@ import app
 from steindiff.experiment import ModelCatalog, run_experiment
 from steindiff.plots import diagnostics_figure, particles_figure
 
-GOOD = {**dict(app.SETTINGS), "model": "gmm-ring", "batch": 64, "gamma_max": 1.0, "literal": True}
+GOOD = {**dict(app.SETTINGS), "model": "gmm-ring", "batch": 64, "gamma_max": 1.0, "literal": True, "rule": "custom"}
 
 
 def _call(client: Client, **changes):
@@ -27,9 +27,18 @@ def test_build_experiment_validates_like_the_server():
         ({"nfe": float("nan")}, "nfe must be a number"),
         ({"batch": 2.5}, "whole number"),
         ({"gamma_min": 2.0, "literal": False, "gamma_max": 1.0}, "must not exceed"),
+        ({"rule": "magic"}, "unknown rule"),
+        ({"rule": "stein-safe", "coords": "vp"}, "EDM coordinates"),
     ]:
         with pytest.raises(ValueError, match=match):
             app.build_experiment(catalog, *{**GOOD, **bad}.values())
+
+
+def test_named_rule_sets_the_correction_and_ignores_the_custom_clip():
+    catalog = ModelCatalog()
+    experiment = app.build_experiment(catalog, *{**GOOD, "rule": "sc-lookahead", "gamma_min": 0.3}.values())
+    assert experiment.stein.lookahead and experiment.stein.noise_level == "cap" and experiment.stein.gamma_min == 1.0
+    assert app.build_experiment(catalog, *dict(app.SETTINGS).values()).stein.trust_region  # the default rule
 
 
 def test_render_and_download_from_a_real_run(tmp_path):

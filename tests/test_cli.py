@@ -39,7 +39,7 @@ def test_the_readme_example_runs_as_a_module(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["config"]["stein"]["gamma_max"] == "inf"
+    assert data["config"]["stein"]["trust_region"] and data["config"]["stein"]["noise_level"] == "cap"  # the default
     for run in ("vanilla", "stein"):
         assert data[run]["nfe_total"] == 5
         assert len(data[run]["trace"]) == 5
@@ -50,7 +50,10 @@ def test_the_readme_example_runs_as_a_module(tmp_path):
 
 def test_capped_run_records_what_the_correction_did(tmp_path, capsys):
     out = tmp_path / "capped.json"
-    assert main([*EXAMPLE, "--batch", "128", "--gamma-max", "1", "--no-lipschitz", "--out", str(out)]) == 0
+    assert (
+        main([*EXAMPLE, "--batch", "128", "--rule", "custom", "--gamma-max", "1", "--no-lipschitz", "--out", str(out)])
+        == 0
+    )
     data = json.loads(out.read_text())
     gammas = [step["gamma"] for step in data["stein"]["trace"]]
     raw = [step["gamma_raw"] for step in data["stein"]["trace"]]
@@ -74,8 +77,13 @@ def test_vanilla_only_without_stein(capsys):
         (["--solver", "rk45"], "unknown solver 'rk45'"),
         (["--model", "nope"], "unknown model 'nope'"),
         (["--schedule", "cosine"], "unknown schedule 'cosine'"),
-        (["--gamma-min", "2", "--gamma-max", "1"], "gamma_min (2.0) must not exceed gamma_max (1.0)"),
-        (["--gamma-min", "nan"], "NaN"),
+        (
+            ["--rule", "custom", "--gamma-min", "2", "--gamma-max", "1"],
+            "gamma_min (2.0) must not exceed gamma_max (1.0)",
+        ),
+        (["--rule", "custom", "--gamma-min", "nan"], "NaN"),
+        (["--rule", "magic"], "--rule"),
+        (["--coords", "vp"], "EDM coordinates"),
         (["--probes", "0"], "--probes"),
         (["--sigma-min", "5", "--sigma-max", "1"], "sigma_min (5.0) exceeds sigma_max (1.0)"),
         (["--device", "cuda:7"], "CUDA"),
@@ -105,6 +113,8 @@ def test_mnist_grid_and_digit_scores(tmp_path):
         "--batch",
         "8",
         "--stein",
+        "--rule",
+        "custom",
         "--gamma-max",
         "1",
         "--probes",

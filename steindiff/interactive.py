@@ -1,0 +1,116 @@
+"""The app's settings (defaults, server limits) and their validation into an Experiment.
+
+No gradio here: the app, its /run endpoint, scripts and machines without gradio share one definition.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .denoisers import DEFAULT_IMAGE_MODEL
+from .experiment import Experiment, Limits, ModelCatalog
+from .sampling import DiagnosticsConfig
+from .stein import DEFAULT_VARIANT, STEIN_VARIANTS, SteinConfig
+
+__all__ = ["CUSTOM_RULE", "DEFAULT_RULE", "DEVICE", "LIMITS", "SETTINGS", "build_experiment"]
+
+LIMITS = Limits(max_nfe=100, max_batch=4096, max_image_batch=256, max_probes=16, max_lipschitz_samples=64)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEFAULT_RULE = DEFAULT_VARIANT
+#: the rule that takes the clip from the form's gamma_min, gamma_max and literal settings
+CUSTOM_RULE = "custom"
+
+#: (name, default) of the settings, in the order of the /run endpoint's parameters and of the URL
+SETTINGS: list[tuple[str, Any]] = [
+    ("model", DEFAULT_IMAGE_MODEL),
+    ("solver", "dpmpp_2m"),
+    ("schedule", "karras"),
+    ("nfe", 5),
+    ("batch", 16),
+    ("seed", 0),
+    ("stein_on", True),
+    ("gamma_min", 0.1),
+    ("gamma_max", 1.0),
+    ("literal", True),
+    ("rule", DEFAULT_RULE),
+    ("probes", 2),
+    ("probe", "rademacher"),
+    ("coords", "edm"),
+    ("variant", "batch"),
+    ("lipschitz", True),
+    ("reference", True),
+]
+
+
+def build_experiment(
+    catalog: ModelCatalog,
+    model: str,
+    solver: str,
+    schedule: str,
+    nfe: float,
+    batch: float,
+    seed: float,
+    stein_on: bool,
+    gamma_min: float,
+    gamma_max: float,
+    literal: bool,
+    rule: str,
+    probes: float,
+    probe: str,
+    coords: str,
+    variant: str,
+    lipschitz: bool,
+    reference: bool,
+    device: str = DEVICE,
+) -> Experiment:
+    """The settings of the form (or of the /run call) as a validated Experiment; ValueError names the problem.
+
+    ``rule`` names a correction of :data:`steindiff.stein.STEIN_VARIANTS` (its clip and safeguards), or
+    "custom": the clip from ``gamma_min``, ``gamma_max`` and ``literal``, with no safeguard.
+    """
+    numbers = {
+        "nfe": nfe,
+        "batch": batch,
+        "seed": seed,
+        "probes": probes,
+        "gamma_min": gamma_min,
+        "gamma_max": gamma_max,
+    }
+    for name, value in numbers.items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            raise ValueError(f"{name} must be a number, got {value}")
+    for name in ("nfe", "batch", "seed", "probes"):
+        if float(numbers[name]) != int(numbers[name]):
+            raise ValueError(f"{name} must be a whole number, got {numbers[name]}")
+    image = model in catalog.names() and catalog.kind(model) == "image"
+    if rule == CUSTOM_RULE:
+        gammas = {"gamma_min": float(gamma_min), "gamma_max": math.inf if literal else float(gamma_max)}
+    elif rule in STEIN_VARIANTS:
+        gammas = STEIN_VARIANTS[rule]
+    else:
+        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join([*STEIN_VARIANTS, CUSTOM_RULE])}")
+    stein = SteinConfig(**gammas, probes=int(probes), probe=probe, coords=coords, variant=variant)
+    # interactive budgets: a few samples for the Lipschitz estimates, a subset for the reference error
+    diagnostics = DiagnosticsConfig(
+        lipschitz=bool(lipschitz),
+        lipschitz_samples=4,
+        lipschitz_iters=3 if image else 20,
+        flow_log_step=0.25,
+        reference=bool(reference),
+        reference_samples=4 if image else 64,
+        reference_log_step=0.25 if image else 0.1,
+    )
+    return Experiment(
+        model=model,
+        solver=solver,
+        schedule=schedule,
+        nfe=int(nfe),
+        batch=int(batch),
+        seed=int(seed),
+        stein=stein if stein_on else None,
+        diagnostics=diagnostics,
+        device=device,
+    )
