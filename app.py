@@ -54,6 +54,14 @@ gamma > 1 the state sits near the posterior mean, the residual u becomes tiny wh
 does not, and gamma blows up. The hollow blue markers show what the rule would have proposed
 along the vanilla trajectory.
 
+### The safeguarded rule (the default, `stein-safe`)
+It keeps gamma >= 1, stops where the rule's own error model says the state would be closer to the
+clean sample than a state at the next noise level can be (the noise-level identity), never goes past
+the posterior mean D(x_k), and uses the solver's own step when the batch estimate is too noisy or the
+rule's premise has visibly failed. It never explodes; it is not always better than vanilla, and it
+gives up the literal rule's Heun rescue (see README, "Variants of the correction", and
+docs/results.md). Compare *literal rule diverges* with *safeguarded rule, same run*.
+
 The exact-flow curve (green, exact models only) is the Lipschitz constant of the true ODE flow
 between the same noise levels: the true flow also expands between modes, so L > 1 alone is not a
 solver failure; L far above the exact flow is.
@@ -254,9 +262,10 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                         value=DEFAULT_RULE,
                         label="rule (see README: stein = the paper's literal rule; custom = the clip below)",
                     )
-                    literal = gr.Checkbox(True, label="custom: no upper clip (gamma_max = inf)")
-                    gamma_min = gr.Number(0.1, label="custom: gamma_min")
-                    gamma_max = gr.Number(1.0, label="custom: gamma_max (when not literal)")
+                    custom = DEFAULT_RULE == CUSTOM_RULE
+                    literal = gr.Checkbox(True, label="custom: no upper clip (gamma_max = inf)", visible=custom)
+                    gamma_min = gr.Number(0.1, label="custom: gamma_min", visible=custom)
+                    gamma_max = gr.Number(1.0, label="custom: gamma_max (when not literal)", visible=custom)
                     probes = gr.Slider(1, LIMITS.max_probes, value=2, step=1, label="Hutchinson probes K")
                     probe = gr.Radio(["rademacher", "gaussian", "exact"], value="rademacher", label="probe")
                     coords = gr.Radio(["edm", "vp"], value="edm", label="coordinates of the combination")
@@ -323,6 +332,13 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         )
         scrubber.release(scrub, [shown, scrubber], [*views, shown], api_name=False, concurrency_limit=1)
         preset.input(apply_preset, preset, controls, api_name=False)
+        rule.change(
+            lambda name: (gr.update(visible=name == CUSTOM_RULE),) * 3,
+            rule,
+            [literal, gamma_min, gamma_max],
+            api_name=False,
+            queue=False,
+        )
         dice.click(lambda: random.randrange(2**31), None, seed, api_name=False)
         demo.load(from_url, None, controls, api_name=False)
     demo.queue(default_concurrency_limit=1, max_size=64)
