@@ -22,16 +22,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from app_compute import BASE, CASES  # the same cases, without the server
 from gradio_client import Client
 
 import app
 from steindiff.experiment import ModelCatalog
-
-BASE = {**dict(app.SETTINGS), "solver": "dpmpp_2m", "schedule": "karras", "nfe": 5}
-CASES = {
-    "mnist, NFE 5, batch 16": {"model": "mnist", "batch": 16},
-    "gmm-ring, NFE 5, 2,000 particles": {"model": "gmm-ring", "batch": 2000},
-}
 
 
 def main() -> None:

@@ -224,11 +224,11 @@ def sample(
         callback=callback,
     )
     if diagnostics.lipschitz:
-        _measure_lipschitz(denoiser, [(run, maps, step_map_spec(solver, stein))], sigmas, options, diagnostics, seed)
+        _measure_lipschitz(denoiser, [(run, maps, _applied_spec(solver, stein))], sigmas, options, diagnostics, seed)
     return run
 
 
-def step_map_spec(solver: str | SolverSpec, stein: SteinConfig | None) -> SolverSpec:
+def _applied_spec(solver: str | SolverSpec, stein: SteinConfig | None) -> SolverSpec:
     """The solver whose step the run applies: with the look-ahead corrector when ``stein.lookahead``."""
     spec = get_solver(solver) if isinstance(solver, str) else solver
     return with_lookahead(spec) if stein is not None and stein.lookahead else spec
@@ -250,7 +250,7 @@ def _integrate(
     callback: Callable[[StepRecord, torch.Tensor], None] | None = None,
 ) -> tuple[RunResult, list[_MapAtStep | None]]:
     """The sampling loop; also returns, per step, what the Lipschitz post-pass needs."""
-    spec = step_map_spec(solver, stein)
+    spec = _applied_spec(solver, stein)
     options = options or SolverOptions()
     grid = _grid(sigmas)
     counter = CountingDenoiser(denoiser)
@@ -454,7 +454,7 @@ def compare(
             seed=seed,
             label=label,
             callback=hook,
-        ), step_map_spec(solver, config)
+        ), _applied_spec(solver, config)
 
     runs = [run(observer, "vanilla")] + ([run(stein, "stein")] if stein is not None else [])
     if diagnostics.lipschitz:

@@ -72,7 +72,7 @@ class SteinConfig:
     noise_level: "off", "cap" (safeguard) or "match" (SC design B): see the module docstring.
     max_gamma_se: fall back to gamma = 1 (the solver's own step) when the standard error of the batch
         estimate gamma_raw (over the samples of the batch, probe noise included) exceeds this.
-    lookahead: SC design A, the step map T_SC with the look-ahead evaluation (see ``sampling``).
+    lookahead: SC design A, the step map T_SC with the look-ahead evaluation (``solvers.with_lookahead``).
     trust_region: gamma_bound = sigma_k / (sigma_k - sigma_{k-1}) takes an Euler step onto D(x_k), the
         posterior mean: the ideal-denoiser optimum (1 into sigma = 0), which the rule reproduces on the
         true marginal. gamma_raw up to 2 standard errors above it is clipped to it; further above, the
