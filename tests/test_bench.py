@@ -1,6 +1,7 @@
 """The benchmark: per-sample seeds, sharding over torchrun processes, metrics, files, and the cost table."""
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -126,6 +127,30 @@ def test_outputs_hold_every_row_and_a_plot(tmp_path):
     table = paths["results.md"].read_text()
     assert "| heun | karras | 3 |" in table and "sw2 stein" in table
     assert paths["metric.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
+    """benchmarks/results.py --merge: one piece per solver gives the summary of the sweep run at once."""
+    spec = importlib.util.spec_from_file_location("results_page", ROOT / "benchmarks" / "results.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    whole = _ring_config(nfe=(3,), seeds=(0,), samples=32)
+    facts = {"machine": "test", "processes": 1, "wall time": "1 s", "command": "bench"}
+    for solver in whole.solvers:
+        piece = _ring_config(nfe=(3,), seeds=(0,), samples=32, solvers=(solver,))
+        write_outputs(piece, _run(piece), tmp_path / solver, facts)
+    page.merge("gmm-ring", [tmp_path / s for s in whole.solvers], tmp_path / "docs")
+    merged = json.loads((tmp_path / "docs" / "results" / "gmm-ring" / "results.json").read_text())
+    assert merged["config"]["solvers"] == list(whole.solvers) and merged["facts"]["wall time"].startswith("2 s")
+
+    def timeless(rows):
+        return [{k: v for k, v in row.items() if k != "wall_s"} for row in rows]
+
+    assert timeless(merged["summary"]) == timeless(json.loads(json.dumps(summarise(_run(whole)))))
+    with pytest.raises(SystemExit, match="differ in samples"):
+        other = _ring_config(nfe=(3,), seeds=(0,), samples=64, solvers=("heun",))
+        write_outputs(other, _run(other), tmp_path / "other", facts)
+        page.merge("gmm-ring", [tmp_path / "dpmpp_2m", tmp_path / "other"], tmp_path / "docs")
 
 
 def test_markdown_marks_non_finite_and_diverged_cells():
