@@ -54,13 +54,15 @@ gamma > 1 the state sits near the posterior mean, the residual u becomes tiny wh
 does not, and gamma blows up. The hollow blue markers show what the rule would have proposed
 along the vanilla trajectory.
 
-### The safeguarded rule (the default, `stein-safe`)
-It keeps gamma >= 1, stops where the rule's own error model says the state would be closer to the
-clean sample than a state at the next noise level can be (the noise-level identity), never goes past
-the posterior mean D(x_k), and uses the solver's own step when the batch estimate is too noisy or the
-rule's premise has visibly failed. It never explodes; it is not always better than vanilla, and it
-gives up the literal rule's Heun rescue (see README, "Variants of the correction", and
-docs/results.md). Compare *literal rule diverges* with *safeguarded rule, same run*.
+### The safeguarded rules (the default, `sc-lookahead`, and `stein-safe`)
+`stein-safe` keeps gamma >= 1, stops where the rule's own error model says the state would be closer
+to the clean sample than a state at the next noise level can be (the noise-level identity), never goes
+past the posterior mean D(x_k), and uses the solver's own step when the batch estimate is too noisy or
+the rule's premise has visibly failed. `sc-lookahead` applies the same rule to the solver's step
+corrected with the evaluation the next step makes anyway (for DDIM: UniPC's corrector). Neither
+explodes; neither is always better than vanilla, and both give up the literal rule's Heun rescue (see
+README, "Variants of the correction", and docs/results.md). Compare *literal rule diverges* with
+*safeguarded rule, same run*.
 
 The exact-flow curve (green, exact models only) is the Lipschitz constant of the true ODE flow
 between the same noise levels: the true flow also expands between modes, so L > 1 alone is not a

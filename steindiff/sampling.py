@@ -328,8 +328,9 @@ def _measure_lipschitz(
     """Fill the Lipschitz fields of every run's trace, batching what can share a network call.
 
     At step k the runs that apply the same solver step share the grid and the shapes of the history, so
-    one batched Krylov estimate serves them; the denoiser's constant at every step of every run is one
-    more batched call with per-sample noise levels. Samples never interact, so batching changes nothing
+    one batched Krylov estimate serves them; the exact flow's constant (exact models) is one batched call
+    over every run's states, and the denoiser's constant at every step of every run is one more batched
+    call with per-sample noise levels. Samples never interact, so batching changes nothing
     but the cost. The recorded ``diagnostics_time_s`` of a step is that of its shared batch.
     """
     options = options or SolverOptions()
@@ -341,15 +342,15 @@ def _measure_lipschitz(
 
     den_x, den_sigma, den_owner = [], [], []
     for k in range(len(grid) - 1):
-        for name in dict.fromkeys(spec.name for _, _, spec in runs):
-            present = [(run, maps[k], spec) for run, maps, spec in runs if spec.name == name and maps[k] is not None]
-            if not present:
-                continue
-            records = _lipschitz_at_step(denoiser, present, grid, k, options, config, lip)
-            for (_, m, _), record in zip(present, records, strict=True):
-                den_x.append(m.x)
-                den_sigma.append(torch.full((len(m.x),), grid[k], dtype=m.x.dtype, device=m.x.device))
-                den_owner.append(record)
+        present = [(run, maps[k], spec) for run, maps, spec in runs if maps[k] is not None]
+        for name in dict.fromkeys(spec.name for _, _, spec in present):
+            _step_lipschitz(denoiser, [p for p in present if p[2].name == name], grid, k, options, lip)
+        if present and config.flow_lipschitz and denoiser.exact:
+            _flow_lipschitz(denoiser, present, grid, k, config, lip)
+        for _, m, _ in present:
+            den_x.append(m.x)
+            den_sigma.append(torch.full((len(m.x),), grid[k], dtype=m.x.dtype, device=m.x.device))
+        den_owner.extend(run.trace[k] for run, _, _ in present)
     if not den_x:
         return
     sigma_all = torch.cat(den_sigma)
@@ -361,16 +362,15 @@ def _measure_lipschitz(
         record.bound_paper = lipschitz_bound(record.sigma, record.sigma_next, record.lipschitz_denoiser_max)
 
 
-def _lipschitz_at_step(
+def _step_lipschitz(
     denoiser: Denoiser,
     present: list[tuple[RunResult, _MapAtStep, SolverSpec]],
     grid: list[float],
     k: int,
     options: SolverOptions,
-    config: DiagnosticsConfig,
     lip: Callable[..., torch.Tensor],
-) -> list[StepRecord]:
-    """One batched Krylov estimate of step k's applied map for runs of one solver step; fills their records."""
+) -> None:
+    """One batched Krylov estimate of step k's applied map for runs that apply the same solver step."""
     start = time.perf_counter()
     spec = present[0][2]
     x = torch.cat([m.x for _, m, _ in present])
@@ -382,25 +382,38 @@ def _lipschitz_at_step(
         return combine(z, spec.step(denoiser, z, grid, k, history, options).x_next, gamma, scale)
 
     step_l = lip(step_map, x, k, 0)
-    flow_l = None
-    if config.flow_lipschitz and denoiser.exact:
-
-        def exact_flow(z: torch.Tensor) -> torch.Tensor:
-            return flow_map(denoiser, z, grid[k], grid[k + 1], max_log_step=config.flow_log_step)
-
-        flow_l = lip(exact_flow, x, k, 2)
     elapsed = time.perf_counter() - start
-    records, offset = [], 0
-    for run, m, _ in present:
-        part = slice(offset, offset + len(m.x))
-        offset += len(m.x)
+    for (run, _, _), part in zip(present, _parts(present), strict=True):
         record = run.trace[k]
         record.lipschitz_max, record.lipschitz_median = float(step_l[part].max()), float(step_l[part].median())
-        if flow_l is not None:
-            record.lipschitz_flow_max = float(flow_l[part].max())
         record.diagnostics_time_s = elapsed
-        records.append(record)
-    return records
+
+
+def _flow_lipschitz(
+    denoiser: Denoiser,
+    present: list[tuple[RunResult, _MapAtStep, SolverSpec]],
+    grid: list[float],
+    k: int,
+    config: DiagnosticsConfig,
+    lip: Callable[..., torch.Tensor],
+) -> None:
+    """The exact flow's Lipschitz constant between step k's noise levels, at every run's states in one batch."""
+    start = time.perf_counter()
+
+    def exact_flow(z: torch.Tensor) -> torch.Tensor:
+        return flow_map(denoiser, z, grid[k], grid[k + 1], max_log_step=config.flow_log_step)
+
+    flow_l = lip(exact_flow, torch.cat([m.x for _, m, _ in present]), k, 2)
+    elapsed = time.perf_counter() - start
+    for (run, _, _), part in zip(present, _parts(present), strict=True):
+        run.trace[k].lipschitz_flow_max = float(flow_l[part].max())
+        run.trace[k].diagnostics_time_s += elapsed
+
+
+def _parts(present: list[tuple[RunResult, _MapAtStep, SolverSpec]]) -> list[slice]:
+    """Each run's rows in the concatenation of the runs' sample subsets."""
+    ends = list(itertools.accumulate(len(m.x) for _, m, _ in present))
+    return [slice(end - len(m.x), end) for (_, m, _), end in zip(present, ends, strict=True)]
 
 
 def _per_sample(gamma: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
