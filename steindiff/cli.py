@@ -30,7 +30,7 @@ from .quality import quality_metric
 from .sampling import DiagnosticsConfig
 from .schedules import SCHEDULES
 from .solvers import SOLVERS, SolverOptions
-from .stein import DEFAULT_VARIANT, STEIN_VARIANTS, SteinConfig
+from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, STEIN_VARIANTS, SteinConfig, variant_settings
 from .train import TrainConfig, train
 
 MAX_NFE = Limits.max_nfe
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     stein.add_argument("--stein", action="store_true", help="also run the corrected sampler")
     stein.add_argument(
         "--rule",
-        choices=(*STEIN_VARIANTS, "custom"),
+        choices=(*STEIN_VARIANTS, CUSTOM_VARIANT),
         default=DEFAULT_VARIANT,
         help="a named variant (stein = the paper's literal rule), or custom: --gamma-min/--gamma-max alone",
     )
@@ -189,13 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
     """The :class:`Experiment` described by ``sample``'s arguments (settings validated on construction)."""
     image = args.model.startswith(DIFFUSERS_PREFIX) or (args.model in MODELS and MODELS[args.model].kind == "image")
-    gammas = (
-        {"gamma_min": args.gamma_min, "gamma_max": args.gamma_max}
-        if args.rule == "custom"
-        else STEIN_VARIANTS[args.rule]
-    )
     stein = SteinConfig(  # validated even without --stein: a bad setting is an error either way
-        **gammas,
+        **variant_settings(args.rule, args.gamma_min, args.gamma_max),
         probes=args.probes,
         probe=args.probe,
         coords=args.coords,

@@ -13,7 +13,7 @@ import torch
 from .denoisers import DEFAULT_IMAGE_MODEL
 from .experiment import Experiment, Limits, ModelCatalog
 from .sampling import DiagnosticsConfig
-from .stein import DEFAULT_VARIANT, STEIN_VARIANTS, SteinConfig
+from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, SteinConfig, variant_settings
 
 __all__ = ["CUSTOM_RULE", "DEFAULT_RULE", "DEVICE", "LIMITS", "SETTINGS", "build_experiment"]
 
@@ -21,7 +21,7 @@ LIMITS = Limits(max_nfe=100, max_batch=4096, max_image_batch=256, max_probes=16,
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEFAULT_RULE = DEFAULT_VARIANT
 #: the rule that takes the clip from the form's gamma_min, gamma_max and literal settings
-CUSTOM_RULE = "custom"
+CUSTOM_RULE = CUSTOM_VARIANT
 
 #: (name, default) of the settings, in the order of the /run endpoint's parameters and of the URL
 SETTINGS: list[tuple[str, Any]] = [
@@ -86,12 +86,7 @@ def build_experiment(
         if float(numbers[name]) != int(numbers[name]):
             raise ValueError(f"{name} must be a whole number, got {numbers[name]}")
     image = model in catalog.names() and catalog.kind(model) == "image"
-    if rule == CUSTOM_RULE:
-        gammas = {"gamma_min": float(gamma_min), "gamma_max": math.inf if literal else float(gamma_max)}
-    elif rule in STEIN_VARIANTS:
-        gammas = STEIN_VARIANTS[rule]
-    else:
-        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join([*STEIN_VARIANTS, CUSTOM_RULE])}")
+    gammas = variant_settings(rule, float(gamma_min), math.inf if literal else float(gamma_max))
     stein = SteinConfig(**gammas, probes=int(probes), probe=probe, coords=coords, variant=variant)
     # interactive budgets: a few samples for the Lipschitz estimates, a subset for the reference error
     diagnostics = DiagnosticsConfig(

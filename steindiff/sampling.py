@@ -355,10 +355,8 @@ def _measure_lipschitz(
         return
     sigma_all = torch.cat(den_sigma)
     den_l = lip(lambda z: denoiser(z, sigma_all), torch.cat(den_x), len(grid), 1)
-    offset = 0
-    for record, part_x in zip(den_owner, den_x, strict=True):
-        record.lipschitz_denoiser_max = float(den_l[offset : offset + len(part_x)].max())
-        offset += len(part_x)
+    for record, part in zip(den_owner, _slices([len(x) for x in den_x]), strict=True):
+        record.lipschitz_denoiser_max = float(den_l[part].max())
         record.bound_paper = lipschitz_bound(record.sigma, record.sigma_next, record.lipschitz_denoiser_max)
 
 
@@ -412,8 +410,13 @@ def _flow_lipschitz(
 
 def _parts(present: list[tuple[RunResult, _MapAtStep, SolverSpec]]) -> list[slice]:
     """Each run's rows in the concatenation of the runs' sample subsets."""
-    ends = list(itertools.accumulate(len(m.x) for _, m, _ in present))
-    return [slice(end - len(m.x), end) for (_, m, _), end in zip(present, ends, strict=True)]
+    return _slices([len(m.x) for _, m, _ in present])
+
+
+def _slices(lengths: list[int]) -> list[slice]:
+    """The rows of each part in the concatenation of parts of these lengths."""
+    ends = list(itertools.accumulate(lengths))
+    return [slice(end - n, end) for n, end in zip(lengths, ends, strict=True)]
 
 
 def _per_sample(gamma: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:

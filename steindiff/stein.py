@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "CUSTOM_VARIANT",
     "DEFAULT_VARIANT",
     "SAFEGUARDS",
     "STEIN_VARIANTS",
@@ -49,6 +50,7 @@ __all__ = [
     "draw_probes",
     "noise_level_gamma",
     "stein_update",
+    "variant_settings",
     "vp_alpha",
 ]
 
@@ -127,6 +129,17 @@ STEIN_VARIANTS: dict[str, dict] = {
 }
 #: the variant the app and the CLI start with, chosen by the benchmark (docs/results.md)
 DEFAULT_VARIANT = "sc-lookahead"
+#: the rule name that takes the clip from explicit gamma_min and gamma_max, with no safeguard
+CUSTOM_VARIANT = "custom"
+
+
+def variant_settings(rule: str, gamma_min: float, gamma_max: float) -> dict:
+    """SteinConfig settings of a named variant, or of the custom clip [gamma_min, gamma_max]."""
+    if rule == CUSTOM_VARIANT:
+        return {"gamma_min": gamma_min, "gamma_max": gamma_max}
+    if rule not in STEIN_VARIANTS:
+        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join([*STEIN_VARIANTS, CUSTOM_VARIANT])}")
+    return STEIN_VARIANTS[rule]
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     sync_api.expect(page.get_by_label("seed", exact=True)).to_have_value("3")
     _choose(page, "Lesson presets", "Stein rescues 3-step Heun (5 NFE)")
     sync_api.expect(page.get_by_label("solver", exact=True)).to_have_value("heun")  # the preset has landed
-    sync_api.expect(page.get_by_label("rule", exact=False)).to_have_value("stein")
+    rule_label = "rule (see README: stein = the paper's literal rule; custom = the clip below)"
+    sync_api.expect(page.get_by_label(rule_label, exact=True)).to_have_value("stein")
     page.get_by_role("button", name="Run", exact=True).click()
     try:
         page.wait_for_selector("td:text-is('stein')", timeout=120_000)
