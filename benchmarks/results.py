@@ -82,13 +82,21 @@ def model_section(folder: Path) -> str:
     )
 
 
+def _current(config: dict) -> dict:
+    """A bench config as this version names its fields (sweeps made before ``products`` had ``batched_probes``)."""
+    config = dict(config)
+    if "batched_probes" in config:
+        config["products"] = "vjp-batched" if config.pop("batched_probes") else "vjp"
+    return config
+
+
 def merge(model: str, folders: list[Path], out: Path) -> None:
     """One sweep folder from several of the same model and settings: union of cells, summed wall time."""
     documents = [json.loads((folder / "results.json").read_text()) for folder in folders]
-    configs = [d["config"] for d in documents]
+    configs = [_current(d["config"]) for d in documents]
     if any(c["model"] != model for c in configs):
         raise SystemExit(f"--merge {model}: the folders hold other models")
-    same = ("samples", "seeds", "batch", "probes", "reference_samples", "nfe", "variants")
+    same = ("samples", "seeds", "batch", "probes", "products", "reference_samples", "nfe", "variants")
     for key in same:
         if any(c[key] != configs[0][key] for c in configs):
             raise SystemExit(f"--merge: the folders differ in {key}")

@@ -32,7 +32,7 @@ from .reference import reference_trajectory
 from .sampling import DiagnosticsConfig, RunResult, initial_noise, sample
 from .schedules import SCHEDULES, make_sigmas
 from .solvers import get_solver
-from .stein import STEIN_VARIANTS, SteinConfig
+from .stein import STEIN_VARIANTS, ProbeProducts, SteinConfig
 
 __all__ = ["VARIANTS", "BenchConfig", "CellResult", "as_records", "run_bench", "stein_config", "summarise"]
 
@@ -55,7 +55,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     batch: int = 64
     probes: int = SteinConfig.probes
-    batched_probes: bool = False
+    products: ProbeProducts = "vjp"
     reference_samples: int = 64
     reference_log_step: float | None = None
 
@@ -79,7 +79,7 @@ class BenchConfig:
             raise ValueError(f"reference_log_step must be > 0, got {self.reference_log_step}")
         if any(not 0 <= seed < 2**63 for seed in self.seeds):
             raise ValueError("seeds must be between 0 and 2**63 - 1")
-        SteinConfig(probes=self.probes)  # validates the probe count
+        SteinConfig(probes=self.probes, products=self.products)  # validates the probe settings
 
     @property
     def blocks(self) -> int:
@@ -104,11 +104,11 @@ class CellResult:
     wall_s: float
 
 
-def stein_config(variant: str, probes: int, batched_probes: bool = False) -> SteinConfig | None:
+def stein_config(variant: str, probes: int, products: ProbeProducts = "vjp") -> SteinConfig | None:
     """The correction a variant name stands for (None: vanilla)."""
     if variant == "vanilla":
         return None
-    return SteinConfig(**STEIN_VARIANTS[variant], probes=probes, batched_probes=batched_probes)
+    return SteinConfig(**STEIN_VARIANTS[variant], probes=probes, products=products)
 
 
 def _block_seed(seed: int, block: int) -> int:
@@ -170,7 +170,7 @@ def run_bench(
                 for nfe in config.nfe:
                     sigmas = make_sigmas(schedule, spec.steps_for_nfe(nfe), sigma_min, sigma_max)
                     for variant in config.variants:
-                        stein = stein_config(variant, config.probes, config.batched_probes)
+                        stein = stein_config(variant, config.probes, config.products)
                         start = time.perf_counter()
                         blocks = []
                         for b in mine:

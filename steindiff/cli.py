@@ -30,10 +30,11 @@ from .quality import quality_metric
 from .sampling import DiagnosticsConfig
 from .schedules import SCHEDULES
 from .solvers import SOLVERS, SolverOptions
-from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, STEIN_VARIANTS, SteinConfig, variant_settings
+from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, PROBE_PRODUCTS, STEIN_VARIANTS, SteinConfig, variant_settings
 from .train import TrainConfig, train
 
 MAX_NFE = Limits.max_nfe
+PRODUCTS_HELP = "each probe by a VJP (the paper), all K VJPs in one backward, or a forward difference"
 MAX_BATCH = Limits.max_batch
 
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     stein.add_argument("--gamma-max", type=_real, default=SteinConfig.gamma_max, help="custom: inf = literal")
     stein.add_argument("--probes", type=_int_in(1, 256), default=SteinConfig.probes)
     stein.add_argument("--probe", choices=("rademacher", "gaussian", "exact"), default=SteinConfig.probe)
+    stein.add_argument("--products", choices=PROBE_PRODUCTS, default=SteinConfig.products, help=PRODUCTS_HELP)
     stein.add_argument("--coords", choices=("edm", "vp"), default=SteinConfig.coords)
     stein.add_argument("--variant", choices=("batch", "per_sample"), default=SteinConfig.variant)
     diag = run.add_argument_group("diagnostics")
@@ -130,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument(
         "--reference-samples", type=_int_in(1, MAX_BATCH), help="err_ref on the first N samples (images: 64, 2-D: all)"
     )
-    diag.add_argument("--jacobian-mode", choices=("jvp", "vjp2"), default="vjp2", help="forward mode or double VJP")
+    diag.add_argument(
+        "--jacobian-mode", choices=("jvp", "vjp2", "fd"), default="vjp2", help="J v by forward mode, double VJP or fd"
+    )
     run.add_argument("--out", type=Path, help="write the JSON result here (default: stdout summary only)")
     run.add_argument("--grid", type=Path, help="image models: PNG of up to 64 final samples, vanilla | stein")
     run.add_argument("--no-score", action="store_true", help="skip FD-MNIST and confidence for digit models")
@@ -158,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=_ints, default=BenchConfig.seeds, help="comma-separated")
     bench.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=BenchConfig.batch, help="also the Stein batch")
     bench.add_argument("--probes", type=_int_in(1, 256), default=BenchConfig.probes)
-    bench.add_argument("--batched-probes", action="store_true", help="all K probes in one vectorised backward")
+    bench.add_argument("--products", choices=PROBE_PRODUCTS, default=BenchConfig.products, help=PRODUCTS_HELP)
     bench.add_argument(
         "--reference-samples", type=_int_in(0, 10**7), default=BenchConfig.reference_samples, help="err_ref on these"
     )
@@ -193,6 +197,7 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
         **variant_settings(args.rule, args.gamma_min, args.gamma_max),
         probes=args.probes,
         probe=args.probe,
+        products=args.products,
         coords=args.coords,
         variant=args.variant,
     )
@@ -288,7 +293,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         batch=args.batch,
         probes=args.probes,
-        batched_probes=args.batched_probes,
+        products=args.products,
         reference_samples=args.reference_samples,
         reference_log_step=args.reference_log_step,
     )

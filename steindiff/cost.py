@@ -51,17 +51,22 @@ class CostRow:
     memory_ratio: float
 
 
+#: how the cost table names each way of computing the probe products (SteinConfig.products)
+PRODUCT_LABELS = {"vjp": "", "vjp-batched": ", batched VJPs", "fd": ", fd probes"}
+
+
 def cost_cases(variants: list[str], probe_counts: list[int]) -> list[CostCase]:
-    """Vanilla, then every variant at every probe count K, and for K > 1 also its batched-probe form."""
+    """Vanilla, then every variant at every probe count K with VJP and forward-difference probes, and
+    for K > 1 also with the K VJPs batched."""
     cases = [CostCase("vanilla", None)]
     for variant in variants:
         if variant not in STEIN_VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(STEIN_VARIANTS)}")
         for k in probe_counts:
-            for vectorised in (False, True) if k > 1 else (False,):
-                label = f"{variant}, K = {k}" + (", batched probes" if vectorised else "")
-                config = SteinConfig(**STEIN_VARIANTS[variant], probes=k, batched_probes=vectorised)
-                cases.append(CostCase(label, config))
+            for products, suffix in PRODUCT_LABELS.items():
+                if products != "vjp-batched" or k > 1:
+                    config = SteinConfig(**STEIN_VARIANTS[variant], probes=k, products=products)
+                    cases.append(CostCase(f"{variant}, K = {k}{suffix}", config))
     return cases
 
 

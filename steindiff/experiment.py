@@ -263,6 +263,7 @@ def run_experiment(
         tuple(sigmas.tolist()),
         diag.reference_samples,
         diag.reference_log_step,
+        diag.reference_floor_ratio,
     )
     comparison = compare(
         model,

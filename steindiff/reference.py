@@ -58,10 +58,14 @@ def flow_map(
 
 @torch.no_grad()
 def reference_trajectory(
-    denoise: DenoiseFn, x: torch.Tensor, sigmas: Sequence[float], max_log_step: float = 0.025
+    denoise: DenoiseFn,
+    x: torch.Tensor,
+    sigmas: Sequence[float],
+    max_log_step: float = 0.025,
+    floor_ratio: float = 0.01,
 ) -> list[torch.Tensor]:
     """States of the ODE solution from ``x`` at every grid sigma (``len(sigmas)`` tensors, the first is ``x``)."""
     states = [x]
     for sigma_from, sigma_to in itertools.pairwise(sigmas):
-        states.append(flow_map(denoise, states[-1], float(sigma_from), float(sigma_to), max_log_step))
+        states.append(flow_map(denoise, states[-1], float(sigma_from), float(sigma_to), max_log_step, floor_ratio))
     return states

@@ -7,16 +7,26 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from .denoisers.base import CountingDenoiser, Denoiser
-from .diagnostics import lipschitz_bound, local_lipschitz, mean_distance
+from .diagnostics import JacobianMode, lipschitz_bound, local_lipschitz, mean_distance
+from .finite_difference import fd_step
 from .reference import flow_map, reference_trajectory
-from .solvers import SolverOptions, SolverSpec, get_solver, with_lookahead
-from .stein import SteinConfig, SteinStats, combine, divergence, stein_update
+from .solvers import SolverOptions, SolverSpec, StepResult, get_solver, with_lookahead
+from .stein import (
+    DivergenceEstimate,
+    SteinConfig,
+    SteinStats,
+    combine,
+    divergence,
+    hutchinson,
+    probe_stack,
+    stein_update,
+)
 
 __all__ = [
     "Comparison",
@@ -35,11 +45,14 @@ class DiagnosticsConfig:
     """What to measure at each step besides the Stein statistics.
 
     lipschitz: local Lipschitz constant of the applied step map (Krylov estimate, a lower bound) on
-        the first ``lipschitz_samples`` samples, plus that of the denoiser, for the paper's bound.
+        the first ``lipschitz_samples`` samples, plus, along runs that apply the solver's own step, that
+        of the denoiser, for the paper's bound.
     flow_lipschitz: also that of the exact ODE flow between the same noise levels (exact models only).
     reference: error of every state to the reference ODE solution from the same noise, on the first
         ``reference_samples`` samples (all when None). ``reference_log_step`` is the RK4 step in
-        log sigma; None picks 0.025 for exact models (exact to ~1e-7) and 0.1 for trained networks.
+        log sigma; None picks 0.025 for exact models (exact to ~1e-7) and 0.1 for trained networks. The
+        segment into sigma = 0 is integrated down to ``reference_floor_ratio`` times the last positive
+        sigma and finished by a denoising step; 1 denoises at the last sigma directly, as the solvers do.
     """
 
     lipschitz: bool = True
@@ -47,10 +60,11 @@ class DiagnosticsConfig:
     lipschitz_iters: int = 20
     flow_lipschitz: bool = True
     flow_log_step: float = 0.1
-    jacobian_mode: Literal["jvp", "vjp2"] = "vjp2"
+    jacobian_mode: JacobianMode = "vjp2"
     reference: bool = True
     reference_samples: int | None = None
     reference_log_step: float | None = None
+    reference_floor_ratio: float = 0.01
 
     def __post_init__(self) -> None:
         if self.lipschitz_samples < 1 or self.lipschitz_iters < 1:
@@ -59,6 +73,8 @@ class DiagnosticsConfig:
             raise ValueError("flow_log_step and reference_log_step must be > 0")
         if self.reference_samples is not None and self.reference_samples < 1:
             raise ValueError("reference_samples must be >= 1")
+        if not 0 < self.reference_floor_ratio <= 1:
+            raise ValueError("reference_floor_ratio must be in (0, 1]")
 
 
 @dataclass
@@ -266,13 +282,17 @@ def _integrate(
                 result = spec.step(counter, x, grid, k, history, options)
             x_next = result.x_next
         else:
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                result = spec.step(counter, x_in, grid, k, history, options)
-                # Every solver step has the exact linear part (sigma'/sigma) x (see solvers.py).
-                div_t = divergence(
-                    result.x_next, x_in, stein.probe, stein.probes, probe_gen, sigma_next / sigma, stein.batched_probes
-                )
+            # Every solver step has the exact linear part (sigma'/sigma) x (see solvers.py).
+            if stein.products == "fd":
+                result, div_t = _step_with_fd_probes(spec, counter, x, grid, k, history, options, stein, probe_gen)
+            else:
+                with torch.enable_grad():
+                    x_in = x.detach().requires_grad_(True)
+                    result = spec.step(counter, x_in, grid, k, history, options)
+                    batched = stein.products == "vjp-batched"
+                    div_t = divergence(
+                        result.x_next, x_in, stein.probe, stein.probes, probe_gen, sigma_next / sigma, batched
+                    )
             x_next, stats = stein_update(x, result.x_next.detach(), div_t, sigma, sigma_next, stein)
         x_next = x_next.detach()
         record = StepRecord(k, sigma, sigma_next, counter.nfe - nfe_before, time.perf_counter() - start)
@@ -285,7 +305,7 @@ def _integrate(
             record.err_ref = mean_distance(x_next[: len(reference[k + 1])], reference[k + 1])
         if diagnostics.lipschitz and record.finite and bool(torch.isfinite(x).all()):
             n = min(diagnostics.lipschitz_samples, x.shape[0])
-            gamma = None if stats is None else stats.applied
+            gamma = stats.applied if stats is not None and stein.apply else None
             maps.append(
                 _MapAtStep(
                     x[:n].detach(),
@@ -317,6 +337,35 @@ def _integrate(
     return run, maps
 
 
+def _step_with_fd_probes(
+    spec: SolverSpec,
+    denoise: CountingDenoiser,
+    x: torch.Tensor,
+    grid: list[float],
+    k: int,
+    history: tuple[torch.Tensor, ...],
+    options: SolverOptions,
+    stein: SteinConfig,
+    generator: torch.Generator,
+) -> tuple[StepResult, DivergenceEstimate]:
+    """Step k and div_x T by forward-difference probes, in the step's own network calls.
+
+    The step is a pure map of x_k with the history fixed and samples never interact, so x_k and the K
+    perturbed states x_k + h v go through it as one batch of (K + 1) B samples, the history repeated.
+    """
+    batch = x.shape[0]
+    v = probe_stack(x, stein.probe, stein.probes, generator)
+    h = torch.stack([fd_step(x, probe) for probe in v])
+    stacked = torch.cat([x, *(x + h * v)])
+    repeated = tuple(torch.cat([part] * (stein.probes + 1)) for part in history)
+    with torch.no_grad():
+        joint = spec.step(denoise, stacked, grid, k, repeated, options)
+    t = joint.x_next[:batch]
+    jv = (joint.x_next[batch:].reshape(v.shape) - t) / h
+    result = StepResult(t, joint.denoised[:batch], tuple(part[:batch] for part in joint.history))
+    return result, hutchinson(v, jv, grid[k + 1] / grid[k])
+
+
 def _measure_lipschitz(
     denoiser: Denoiser,
     runs: list[tuple[RunResult, list[_MapAtStep | None], SolverSpec]],
@@ -329,9 +378,11 @@ def _measure_lipschitz(
 
     At step k the runs that apply the same solver step share the grid and the shapes of the history, so
     one batched Krylov estimate serves them; the exact flow's constant (exact models) is one batched call
-    over every run's states, and the denoiser's constant at every step of every run is one more batched
-    call with per-sample noise levels. Samples never interact, so batching changes nothing
-    but the cost. The recorded ``diagnostics_time_s`` of a step is that of its shared batch.
+    over every run's states. The paper's bound is on the solver's own step map, so the denoiser's constant
+    it needs is measured along the runs that apply that map (not the corrected ones), at every step but
+    the one into sigma = 0 (where the bound is infinite), in one more batched call with per-sample noise
+    levels. Samples never interact, so batching changes nothing but the cost. The recorded
+    ``diagnostics_time_s`` of a step is that of its shared batch.
     """
     options = options or SolverOptions()
     grid = _grid(sigmas)
@@ -347,10 +398,15 @@ def _measure_lipschitz(
             _step_lipschitz(denoiser, [p for p in present if p[2].name == name], grid, k, options, lip)
         if present and config.flow_lipschitz and denoiser.exact:
             _flow_lipschitz(denoiser, present, grid, k, config, lip)
-        for _, m, _ in present:
+        for run, m, _ in present:
+            if m.gamma is not None:
+                continue
+            if grid[k + 1] == 0:
+                run.trace[k].bound_paper = math.inf
+                continue
             den_x.append(m.x)
             den_sigma.append(torch.full((len(m.x),), grid[k], dtype=m.x.dtype, device=m.x.device))
-        den_owner.extend(run.trace[k] for run, _, _ in present)
+            den_owner.append(run.trace[k])
     if not den_x:
         return
     sigma_all = torch.cat(den_sigma)
@@ -450,7 +506,9 @@ def compare(
     grid = _grid(sigmas)
     if diagnostics.reference and reference is None:
         log_step = diagnostics.reference_log_step or (0.025 if denoiser.exact else 0.1)
-        reference = reference_trajectory(denoiser, x[: diagnostics.reference_samples], grid, log_step)
+        reference = reference_trajectory(
+            denoiser, x[: diagnostics.reference_samples], grid, log_step, diagnostics.reference_floor_ratio
+        )
     elif not diagnostics.reference:
         reference = None
     observe = stein is not None and observe_vanilla

@@ -29,6 +29,8 @@ def test_build_experiment_validates_like_the_server():
         ({"gamma_min": 2.0, "literal": False, "gamma_max": 1.0}, "must not exceed"),
         ({"rule": "magic"}, "unknown rule"),
         ({"rule": "stein-safe", "coords": "vp"}, "EDM coordinates"),
+        ({"products": "symbolic"}, "products must be one of"),
+        ({"probe": "exact", "products": "fd"}, "exact trace"),
     ]:
         with pytest.raises(ValueError, match=match):
             app.build_experiment(catalog, *{**GOOD, **bad}.values())
@@ -38,7 +40,11 @@ def test_named_rule_sets_the_correction_and_ignores_the_custom_clip():
     catalog = ModelCatalog()
     experiment = app.build_experiment(catalog, *{**GOOD, "rule": "sc-lookahead", "gamma_min": 0.3}.values())
     assert experiment.stein.lookahead and experiment.stein.noise_level == "cap" and experiment.stein.gamma_min == 1.0
-    assert app.build_experiment(catalog, *dict(app.SETTINGS).values()).stein.trust_region  # the default rule
+    default = app.build_experiment(catalog, *dict(app.SETTINGS).values())
+    assert default.stein.trust_region  # the default rule
+    assert default.stein.products == "fd" and default.diagnostics.jacobian_mode == "fd"  # the app's fast products
+    by_autograd = app.build_experiment(catalog, *{**GOOD, "products": "vjp"}.values())
+    assert by_autograd.stein.products == "vjp" and by_autograd.diagnostics.jacobian_mode == "vjp2"
 
 
 def test_render_and_download_from_a_real_run(tmp_path):

@@ -139,6 +139,10 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
     for solver in whole.solvers:
         piece = _ring_config(nfe=(3,), seeds=(0,), samples=32, solvers=(solver,))
         write_outputs(piece, _run(piece), tmp_path / solver, facts)
+    older = tmp_path / whole.solvers[0] / "results.json"  # made before `products` replaced `batched_probes`
+    document = json.loads(older.read_text())
+    document["config"]["batched_probes"] = document["config"].pop("products") == "vjp-batched"
+    older.write_text(json.dumps(document))
     page.merge("gmm-ring", [tmp_path / s for s in whole.solvers], tmp_path / "docs")
     merged = json.loads((tmp_path / "docs" / "results" / "gmm-ring" / "results.json").read_text())
     assert merged["config"]["solvers"] == list(whole.solvers) and merged["facts"]["wall time"].startswith("2 s")
@@ -221,7 +225,9 @@ def test_two_torchrun_processes_give_the_single_process_numbers(tmp_path):
 def test_cost_table_compares_every_case_to_vanilla():
     cases = cost_cases(["stein", "stein-cap1"], [1, 3])
     labels = [c.label for c in cases]
-    assert labels[0] == "vanilla" and "stein, K = 3, batched probes" in labels and len(labels) == 7
+    assert labels[0] == "vanilla" and len(labels) == 11  # per variant: K = 1 vjp and fd; K = 3 also batched VJPs
+    assert {"stein, K = 3, batched VJPs", "stein, K = 1, fd probes", "stein-cap1, K = 3, fd probes"} <= set(labels)
+    assert [c.stein.products for c in cases[1:6]] == ["vjp", "fd", "vjp", "vjp-batched", "fd"]
     rows = measure_cost("mlp-ring", "dpmpp_2m", "karras", 4, 256, cases[:3], repeats=1)
     assert rows[0].time_ratio == 1.0
     assert rows[0].memory_ratio == 1.0 or math.isnan(rows[0].memory_ratio)  # nan: vanilla needed no new memory

@@ -48,6 +48,14 @@ def _watch(page):
     return errors, outside
 
 
+def _wait_for_images(page, count: int) -> None:
+    """Until ``count`` images of the run (4x4 grids of digits, 336 px a side) have loaded and decoded."""
+    page.wait_for_function(
+        f"Array.from(document.images).filter(i => i.complete && i.naturalWidth >= 300).length >= {count}",
+        timeout=60_000,
+    )
+
+
 def _choose(page, label: str, option: str) -> None:
     box = page.get_by_label(label, exact=True)
     box.click()
@@ -60,8 +68,9 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     page.wait_for_selector("text=Lesson presets")
     sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mlp-ring")  # state from the URL
     sync_api.expect(page.get_by_label("seed", exact=True)).to_have_value("3")
-    _choose(page, "Lesson presets", "Stein rescues 3-step Heun (5 NFE)")
+    _choose(page, "Lesson presets", "Stein rescues 3-step Heun (mnist, 5 NFE)")
     sync_api.expect(page.get_by_label("solver", exact=True)).to_have_value("heun")  # the preset has landed
+    sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mnist")
     rule_label = "rule (see README: stein = the paper's literal rule; custom = the clip below)"
     sync_api.expect(page.get_by_label(rule_label, exact=True)).to_have_value("stein")
     page.get_by_role("button", name="Run", exact=True).click()
@@ -70,9 +79,9 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     finally:
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app-after-run.png"), full_page=True)
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2", timeout=60_000)
-    assert page.locator(".js-plotly-plot").count() >= 2  # particles and diagnostics
-    assert "solver=heun" in page.url and "model=mlp-ring" in page.url and "seed=3" in page.url
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 1", timeout=60_000)
+    _wait_for_images(page, 6)  # x_k and the predicted x0 of both runs, the slider's pair
+    assert "solver=heun" in page.url and "model=mnist" in page.url and "seed=3" in page.url and "batch=16" in page.url
     label = page.locator("text=/step \\d+ of 3/").first
     assert "step 3 of 3" in label.inner_text()
     slider = (

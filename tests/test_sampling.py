@@ -78,6 +78,22 @@ def test_lipschitz_of_the_corrected_map_includes_gamma():
     assert cor.lipschitz_max == pytest.approx(abs(1 - cor.gamma + cor.gamma * ratio), rel=0.05)
 
 
+def test_the_papers_bound_holds_along_the_solvers_own_steps_only():
+    """DDIM: J_T = (sigma'/sigma) I + (1 - sigma'/sigma) J_D, so ||J_T|| <= sigma'/sigma + h ||J_D|| at each
+    state (exact 2x2 norms); the bound is on T, so the corrected run, whose map is not T, has none."""
+    model = load_model("gmm-ring")
+    sigmas = make_sigmas("karras", 5).tolist()
+    x = initial_noise(16, (2,), sigmas[0], seed=2, dtype=torch.float64)
+    result = compare(
+        model, x, sigmas, "ddim", SteinConfig(gamma_max=1.0), diagnostics=DiagnosticsConfig(reference=False)
+    )
+    for record in result.vanilla.trace[:-1]:
+        assert record.lipschitz_max <= record.bound_paper * (1 + 1e-9)
+        assert record.lipschitz_denoiser_max > 0
+    assert result.vanilla.trace[-1].bound_paper == math.inf  # the step into sigma = 0: h = inf
+    assert all(r.bound_paper is None and r.lipschitz_denoiser_max is None for r in result.stein.trace)
+
+
 def test_a_diverging_run_is_a_result_not_a_crash():
     model = load_model("gmm-ring")
     sigmas = make_sigmas("karras", 4)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from steindiff import SteinConfig, get_solver, initial_noise, load_model, make_sigmas, sample
+from steindiff.finite_difference import fd_step
 from steindiff.solvers import SolverOptions
-from steindiff.stein import divergence, stein_update, vp_alpha
+from steindiff.stein import STEIN_VARIANTS, divergence, stein_update, vp_alpha
 
 F64 = torch.float64
 
@@ -151,6 +152,8 @@ def test_gamma_one_reproduces_vanilla_bit_for_bit(solver, stein):
         ({"probe": "sobol"}, "probe"),
         ({"coords": "ve"}, "coords"),
         ({"variant": "sc"}, "variant"),
+        ({"products": "jvp"}, "products"),
+        ({"probe": "exact", "products": "fd"}, "exact trace"),
     ],
 )
 def test_bad_stein_settings_are_refused(kwargs, match):
@@ -162,3 +165,38 @@ def test_exact_trace_refuses_large_dimension():
     x = torch.zeros(2, 2000, requires_grad=True)
     with pytest.raises(ValueError, match="Hutchinson"):
         divergence(2 * x, x, "exact", 1, _gen())
+
+
+@pytest.mark.parametrize(
+    ("solver", "variant"), [("dpmpp_2m", "stein-cap1"), ("heun", "stein-cap1"), ("dpmpp_3m", "sc-lookahead")]
+)
+def test_forward_difference_probes_give_the_vjp_estimate_at_no_extra_nfe(solver, variant):
+    model = load_model("mnist")
+    sigmas = make_sigmas("karras", 4, model.sigma_min, model.sigma_max)
+    x = initial_noise(4, model.event_shape, float(sigmas[0]), seed=3)
+    vanilla = sample(model, x, sigmas, solver, keep_states=False)
+    runs = {
+        products: sample(
+            model,
+            x,
+            sigmas,
+            solver,
+            stein=SteinConfig(**STEIN_VARIANTS[variant], probes=2, products=products),
+            keep_states=False,
+        )
+        for products in ("vjp", "fd")
+    }
+    assert runs["fd"].nfe_total == runs["vjp"].nfe_total == vanilla.nfe_total  # one network call per evaluation
+    for exact, fd in zip(runs["vjp"].trace, runs["fd"].trace, strict=True):
+        assert fd.s_div == pytest.approx(exact.s_div, rel=1e-3)
+        assert fd.gamma == pytest.approx(exact.gamma, rel=1e-3)
+    assert torch.allclose(runs["fd"].samples, runs["vjp"].samples, atol=1e-2)
+
+
+def test_forward_difference_step_scales_with_the_state():
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.1]])
+    v = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    h = fd_step(x, v)
+    step_norms = (h * v).norm(dim=1)
+    # sqrt(eps) times ||x||, and times 1 where ||x|| < 1 (the perturbation never falls below rounding)
+    assert torch.allclose(step_norms, torch.finfo(torch.float32).eps ** 0.5 * torch.tensor([5.0, 1.0]))
