@@ -94,12 +94,14 @@ def test_the_papers_bound_holds_along_the_solvers_own_steps_only():
     assert all(r.bound_paper is None and r.lipschitz_denoiser_max is None for r in result.stein.trace)
 
 
-def test_a_diverging_run_is_a_result_not_a_crash():
+@pytest.mark.parametrize("products", ["vjp", "fd"])
+def test_a_diverging_run_is_a_result_not_a_crash(products):
     model = load_model("gmm-ring")
     sigmas = make_sigmas("karras", 4)
     x = initial_noise(16, (2,), 80.0, seed=0)
     x[3, 0] = math.nan
-    result = compare(model, x, sigmas, "heun", SteinConfig(), diagnostics=DiagnosticsConfig(flow_lipschitz=False))
+    stein = SteinConfig(products=products)
+    result = compare(model, x, sigmas, "heun", stein, diagnostics=DiagnosticsConfig(flow_lipschitz=False))
     for run in (result.vanilla, result.stein):
         summary = run.summary()
         json.dumps(summary, allow_nan=False)
