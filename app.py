@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -135,9 +136,13 @@ def layout(shown: Shown | None) -> tuple:
     return gr.update(visible=image), gr.update(visible=shown is not None and not image)
 
 
-def write_download(result: ExperimentResult) -> str:
-    """A zip of the run: config and summary JSON, the per-step CSV, PNGs of the final samples."""
-    folder = Path(tempfile.mkdtemp(prefix="steindiff-run-"))
+def write_download(result: ExperimentResult, downloads: Path, keep: int = 32) -> str:
+    """A zip of the run (config and summary JSON, the per-step CSV, PNGs of the final samples) in a new
+    folder under ``downloads``; the folders of older runs beyond the newest ``keep`` are deleted."""
+    earlier = sorted(downloads.glob("run-*"), key=lambda p: p.stat().st_mtime_ns)
+    for stale in earlier[: max(0, len(earlier) - keep + 1)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=downloads))
     model = re.sub(r"[^\w.-]+", "_", result.experiment.model)  # hub ids and folders hold slashes and colons
     path = folder / f"steindiff-{model}-{result.experiment.solver}-nfe{result.experiment.nfe}.zip"
     with zipfile.ZipFile(path, "w") as archive:
@@ -157,6 +162,7 @@ def write_download(result: ExperimentResult) -> str:
 def make_app(catalog: ModelCatalog) -> gr.Blocks:
     """The Blocks app over a model catalog (the registry plus models given on the command line)."""
     names = catalog.names()
+    downloads = Path(tempfile.mkdtemp(prefix="steindiff-downloads-"))
     default_model = DEFAULT_IMAGE_MODEL if (ASSETS / f"{DEFAULT_IMAGE_MODEL}.safetensors").exists() else "gmm-ring"
 
     def run(
@@ -227,7 +233,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             *render(shown),
             gr.update(maximum=last, value=last),
             summary,
-            write_download(result),
+            write_download(result, downloads),
             shown,
         )
 
@@ -259,7 +265,8 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             updates.append(gr.update(value=value))
         return tuple(updates)
 
-    with gr.Blocks(title="steindiff: the contractivity trap") as demo:
+    # gradio keeps a copy of every output file: those older than an hour go, hourly
+    with gr.Blocks(title="steindiff: the contractivity trap", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# steindiff: few-step diffusion sampling, the contractivity trap, and the Stein correction")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):

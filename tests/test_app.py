@@ -55,9 +55,11 @@ def test_render_and_download_from_a_real_run(tmp_path):
     assert len(diagnostics_figure(result, 2).data) > 10 and len(particles_figure(result, 2).data) >= 6
     import zipfile
 
-    with zipfile.ZipFile(app.write_download(result)) as archive:
+    with zipfile.ZipFile(app.write_download(result, tmp_path)) as archive:
         assert {"run.json", "steps.csv"} <= set(archive.namelist())
         assert archive.read("steps.csv").decode().count("\n") == 11  # header + 5 steps x 2 runs
+    newest = [app.write_download(result, tmp_path, keep=2) for _ in range(3)][-2:]
+    assert sorted(str(next(p.glob("*.zip"))) for p in tmp_path.glob("run-*")) == sorted(newest)  # older ones go
 
 
 def test_good_run_over_the_api(server):
