@@ -168,6 +168,11 @@ def build_network(kind: str, config: dict) -> nn.Module:
     raise ValueError(f"unknown network kind {kind!r}; expected 'unet' or 'mlp'")
 
 
+#: samples a UNet call takes at once on the CPU: the mnist UNet ran 4.5 ms a sample at batch 32-64, 5.3 at
+#: 128 and 8.6 at 384 (oneDNN, one thread), and the forward-difference probes make batches of (K + 1) B
+UNET_CPU_CHUNK = 64
+
+
 class PreconditionedDenoiser(Denoiser):
     """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, Eq. 7 and Table 1):
     c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4.
@@ -198,13 +203,20 @@ class PreconditionedDenoiser(Denoiser):
         pad = (self.network.config.image_size - x.shape[-1]) // 2
         return (F.pad(x, (pad,) * 4, value=self.pad_value) if pad else x), pad
 
+    def _network(self, x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        """F(x_in, c_noise); a UNet on the CPU in chunks of at most UNET_CPU_CHUNK samples."""
+        if self.kind != "unet" or x_in.device.type != "cpu" or len(x_in) <= UNET_CPU_CHUNK:
+            return self.network(x_in, c_noise)
+        chunks = zip(x_in.split(UNET_CPU_CHUNK), c_noise.split(UNET_CPU_CHUNK), strict=True)
+        return torch.cat([self.network(part, noise) for part, noise in chunks])
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = self.per_sample_sigma(x, sigma)
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         sd2 = self.sigma_data**2
         c_skip, c_out, c_in = sd2 / (s**2 + sd2), s * self.sigma_data / (s**2 + sd2).sqrt(), 1 / (s**2 + sd2).sqrt()
         padded, pad = self._pad(c_in * x)
-        out = self.network(padded, sigma.log() / 4)
+        out = self._network(padded, sigma.log() / 4)
         if pad:
             out = out[..., pad:-pad, pad:-pad]
         return c_skip * x + c_out * out
