@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, get_args
 
 import torch
 from tqdm import tqdm
@@ -23,6 +23,7 @@ from .cost import cost_cases, measure_cost
 from .cost import markdown_table as cost_table
 from .denoisers import MODELS
 from .denoisers.hub import DIFFUSERS_PREFIX
+from .diagnostics import JacobianMode
 from .experiment import Experiment, Limits, ModelCatalog, check_device, run_experiment
 from .images import image_grid, save_png, side_by_side
 from .metrics import train_classifier
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-samples", type=_int_in(1, MAX_BATCH), help="err_ref on the first N samples (images: 64, 2-D: all)"
     )
     diag.add_argument(
-        "--jacobian-mode", choices=("jvp", "vjp2", "fd"), default="vjp2", help="J v by forward mode, double VJP or fd"
+        "--jacobian-mode", choices=get_args(JacobianMode), default="vjp2", help="J v by forward mode, double VJP or fd"
     )
     run.add_argument("--out", type=Path, help="write the JSON result here (default: stdout summary only)")
     run.add_argument("--grid", type=Path, help="image models: PNG of up to 64 final samples, vanilla | stein")

@@ -119,6 +119,8 @@ def test_mnist_grid_and_digit_scores(tmp_path):
         "1",
         "--probes",
         "1",
+        "--products",
+        "fd",
         "--no-lipschitz",
         "--no-reference",
         "--grid",
@@ -128,6 +130,7 @@ def test_mnist_grid_and_digit_scores(tmp_path):
     ]
     assert main(args) == 0
     data = json.loads(out.read_text())
+    assert data["config"]["stein"]["products"] == "fd"
     for run in ("vanilla", "stein"):
         assert data[run]["final"]["fd_mnist"] > 0 and 0 < data[run]["final"]["confidence"] <= 1
         assert sum(data[run]["final"]["classes"]) == 8
