@@ -74,6 +74,17 @@ def _tiny_mlp(tmp_path):
     return tmp_path / "good.safetensors"
 
 
+def test_large_cpu_batches_go_through_the_unet_in_chunks_with_the_same_values():
+    model = load_model("mnist")
+    x = initial_noise(150, model.event_shape, 1.0, seed=4).requires_grad_(True)  # 3 chunks, the last partial
+    sigma = torch.linspace(0.01, 50.0, 150)  # per-sample levels: a chunk must keep its own
+    out = model(x, sigma)
+    one_by_one = torch.cat([model(x[i : i + 1], sigma[i : i + 1]) for i in range(0, 150, 7)])
+    assert torch.allclose(out[::7], one_by_one, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    assert grad.shape == x.shape and bool(grad[-1].abs().sum() > 0)
+
+
 def test_missing_truncated_and_foreign_files_give_clear_errors(tmp_path):
     with pytest.raises(WeightsError, match=r"not found: .*nothing\.safetensors"):
         load_denoiser(tmp_path / "nothing.safetensors")
