@@ -130,10 +130,10 @@ def is_image_run(result: ExperimentResult) -> bool:
     return len(result.model.event_shape) == 3
 
 
-def layout(shown: Shown | None) -> tuple:
-    """The image views shown for image models, the particle figure for 2-D ones."""
-    image = shown is not None and is_image_run(shown.result)
-    return gr.update(visible=image), gr.update(visible=shown is not None and not image)
+def layout(shown: Shown) -> tuple:
+    """After a run: the image views shown for image models, the particle figure for 2-D ones."""
+    image = is_image_run(shown.result)
+    return gr.update(visible=image), gr.update(visible=not image)
 
 
 def write_download(result: ExperimentResult, downloads: Path, keep: int = 32) -> str:
@@ -148,7 +148,7 @@ def write_download(result: ExperimentResult, downloads: Path, keep: int = 32) ->
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("run.json", json.dumps(result.to_json(), indent=1, allow_nan=False))
         archive.writestr("steps.csv", steps_csv(result))
-        if len(result.model.event_shape) == 3:
+        if is_image_run(result):
             final = image_views(result, len(result.comparison.sigmas) - 1, count=64)
             for name in result.runs():
                 png = folder / f"{name}.png"
