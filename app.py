@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr
 
+from steindiff.compute_thread import on_compute_thread
 from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL, WeightsError
 from steindiff.denoisers.hub import DIFFUSERS_PREFIX
 from steindiff.experiment import ExperimentResult, ModelCatalog, run_experiment
@@ -207,6 +208,10 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             lipschitz,
             reference,
         )
+        return on_compute_thread(compute, settings, progress)
+
+    def compute(settings: tuple, progress: gr.Progress) -> tuple:
+        """The run and its views, on the one thread that does the server's torch work."""
         try:
             experiment = build_experiment(catalog, *settings)
             steps = get_solver(experiment.solver).steps_for_nfe(experiment.nfe)
@@ -241,7 +246,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         if shown is None:
             raise gr.Error("run a comparison first")
         shown = Shown(shown.result, int(step))
-        return (*render(shown), shown)
+        return (*on_compute_thread(render, shown), shown)
 
     def apply_preset(name: str) -> tuple:
         preset = PRESETS.get(name, {})
@@ -313,12 +318,12 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                 scrubber = gr.Slider(0, 1, value=0, step=1, label="step (moves every view)")
                 with gr.Column(visible=False) as image_group:
                     with gr.Row():
-                        vanilla_image = gr.Image(label="vanilla: x_k", buttons=["download"])
-                        stein_image = gr.Image(label="Stein: x_k", buttons=["download"])
-                    compare_slider = gr.ImageSlider(label="vanilla | Stein")
+                        vanilla_image = gr.Image(label="vanilla: x_k", buttons=["download"], format="png")
+                        stein_image = gr.Image(label="Stein: x_k", buttons=["download"], format="png")
+                    compare_slider = gr.ImageSlider(label="vanilla | Stein", format="png")
                     with gr.Row():
-                        vanilla_x0 = gr.Image(label="vanilla: predicted x0 at step k")
-                        stein_x0 = gr.Image(label="Stein: predicted x0 at step k")
+                        vanilla_x0 = gr.Image(label="vanilla: predicted x0 at step k", format="png")
+                        stein_x0 = gr.Image(label="Stein: predicted x0 at step k", format="png")
                 particles = gr.Plot(label="particles", visible=False)
                 diagnostics = gr.Plot(label="per-step diagnostics")
                 with gr.Accordion("run summary (JSON)", open=False):
@@ -413,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         extra[name] = Path(path)
     catalog = ModelCatalog(extra, hub, half=args.half)
     for name in [*extra, *hub]:
-        catalog.get(name, DEVICE)  # fail at start-up, not at the first request
+        on_compute_thread(catalog.get, name, DEVICE)  # fail at start-up, not at the first request
     launch(make_app(catalog), args.host, args.port)
 
 

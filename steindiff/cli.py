@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--no-lipschitz", action="store_true", help="skip the Lipschitz estimates")
     diag.add_argument("--lipschitz-samples", type=_int_in(1, 4096), default=8)
     diag.add_argument("--lipschitz-iters", type=_int_in(1, 1000), default=20)
+    diag.add_argument(
+        "--lipschitz-batch",
+        type=_int_in(1, 1 << 20),
+        default=64,
+        help="the most samples one batched Lipschitz estimate takes (every step's maps at once; memory grows with it)",
+    )
     diag.add_argument("--no-reference", action="store_true", help="skip the reference trajectory and err_ref")
     diag.add_argument(
         "--reference-samples", type=_int_in(1, MAX_BATCH), help="err_ref on the first N samples (images: 64, 2-D: all)"
@@ -220,6 +226,7 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
             lipschitz=not args.no_lipschitz,
             lipschitz_samples=args.lipschitz_samples,
             lipschitz_iters=args.lipschitz_iters,
+            lipschitz_batch=args.lipschitz_batch,
             reference=not args.no_reference,
             reference_samples=args.reference_samples or (64 if image else None),
             jacobian_mode=args.jacobian_mode,

@@ -67,6 +67,7 @@ def local_lipschitz(
     generator: torch.Generator | None = None,
     mode: JacobianMode = "jvp",
     exact_max_dim: int = 16,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Spectral norm of dfn/dx at each sample of ``x``, shape (B,).
 
@@ -82,13 +83,17 @@ def local_lipschitz(
     "vjp2" a double VJP (for models where forward mode fails); "fd" a forward difference
     (:func:`steindiff.finite_difference.fd_step`): one forward a product instead of three, and a lower
     bound only up to the difference's error (3 rounds on the shipped UNet: within 1% of the double VJP's).
+    ``start`` gives the start vectors q_1 (any shape of ``x``; normalised per sample), else they are
+    Gaussian from ``generator``.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if x[0].numel() <= exact_max_dim:
         return torch.linalg.matrix_norm(jacobian_rows(fn, x).to(torch.float64), ord=2).to(x.dtype)
     jvp, vjp = _jvp_product(fn, x, mode)
-    w = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
+    if start is None:
+        start = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    w = start.to(dtype=x.dtype, device=x.device)
     tiny = torch.finfo(x.dtype).tiny
     q = _per_sample_normalise(w).flatten(1)
     basis, images = [q], []

@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch
 from .denoisers.base import CountingDenoiser, Denoiser
 from .diagnostics import JacobianMode, lipschitz_bound, local_lipschitz, mean_distance
 from .finite_difference import fd_step
+from .lockstep import DenoiseFn, DenoiserMap, lockstep
 from .reference import flow_map, reference_trajectory
 from .solvers import SolverOptions, SolverSpec, StepResult, get_solver, with_lookahead
 from .stein import (
@@ -46,7 +47,8 @@ class DiagnosticsConfig:
 
     lipschitz: local Lipschitz constant of the applied step map (Krylov estimate, a lower bound) on
         the first ``lipschitz_samples`` samples, plus, along runs that apply the solver's own step, that
-        of the denoiser, for the paper's bound.
+        of the denoiser, for the paper's bound. ``lipschitz_batch``: the most samples one batched
+        estimate takes (every step's maps at once, see ``_measure_lipschitz``); memory grows with it.
     flow_lipschitz: also that of the exact ODE flow between the same noise levels (exact models only).
     reference: error of every state to the reference ODE solution from the same noise, on the first
         ``reference_samples`` samples (all when None). ``reference_log_step`` is the RK4 step in
@@ -58,6 +60,7 @@ class DiagnosticsConfig:
     lipschitz: bool = True
     lipschitz_samples: int = 8
     lipschitz_iters: int = 20
+    lipschitz_batch: int = 64
     flow_lipschitz: bool = True
     flow_log_step: float = 0.1
     jacobian_mode: JacobianMode = "vjp2"
@@ -67,8 +70,8 @@ class DiagnosticsConfig:
     reference_floor_ratio: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.lipschitz_samples < 1 or self.lipschitz_iters < 1:
-            raise ValueError("lipschitz_samples and lipschitz_iters must be >= 1")
+        if self.lipschitz_samples < 1 or self.lipschitz_iters < 1 or self.lipschitz_batch < 1:
+            raise ValueError("lipschitz_samples, lipschitz_iters and lipschitz_batch must be >= 1")
         if not self.flow_log_step > 0 or (self.reference_log_step is not None and not self.reference_log_step > 0):
             raise ValueError("flow_log_step and reference_log_step must be > 0")
         if self.reference_samples is not None and self.reference_samples < 1:
@@ -366,6 +369,17 @@ def _step_with_fd_probes(
     return result, hutchinson(v, jv, grid[k + 1] / grid[k])
 
 
+@dataclass(frozen=True)
+class _LipschitzJob:
+    """One Jacobian norm to estimate: the map ``fn`` at the states ``x``, for a field of ``record``."""
+
+    fn: DenoiserMap
+    x: torch.Tensor
+    stream: tuple[int, ...]  # of the Krylov start vectors
+    record: StepRecord
+    quantity: Literal["step", "denoiser", "flow"]
+
+
 def _measure_lipschitz(
     denoiser: Denoiser,
     runs: list[tuple[RunResult, list[_MapAtStep | None], SolverSpec]],
@@ -374,99 +388,95 @@ def _measure_lipschitz(
     config: DiagnosticsConfig,
     seed: int,
 ) -> None:
-    """Fill the Lipschitz fields of every run's trace, batching what can share a network call.
+    """Fill the Lipschitz fields of every run's trace: every estimate at once, in lockstep.
 
-    At step k the runs that apply the same solver step share the grid and the shapes of the history, so
-    one batched Krylov estimate serves them; the exact flow's constant (exact models) is one batched call
-    over every run's states. The paper's bound is on the solver's own step map, so the denoiser's constant
-    it needs is measured along the runs that apply that map (not the corrected ones), at every step but
-    the one into sigma = 0 (where the bound is infinite), in one more batched call with per-sample noise
-    levels. Samples never interact, so batching changes nothing but the cost. The recorded
-    ``diagnostics_time_s`` of a step is that of its shared batch.
+    At each step of each run: the applied step map; for exact models the exact flow between the same
+    noise levels; and, along runs that apply the solver's own step map, the denoiser, for the paper's
+    bound (not at the step into sigma = 0, where the bound is infinite). These maps are independent, so
+    one Krylov estimate of their block-diagonal joint map, whose network calls run as one batched call a
+    round (:func:`steindiff.lockstep.lockstep`), gives all of them, in groups of at most
+    ``config.lipschitz_batch`` samples. Each map keeps its own start vectors, so the estimates do not
+    depend on the grouping (to float rounding). Forward-mode AD is per thread: with ``jacobian_mode``
+    "jvp" every map is estimated alone. A step's ``diagnostics_time_s`` is its maps' share (by samples)
+    of the time of the groups they ran in.
     """
     options = options or SolverOptions()
     grid = _grid(sigmas)
-
-    def lip(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *stream: int) -> torch.Tensor:
-        gen = _generator(seed, LIPSCHITZ_STREAM, *stream)
-        return local_lipschitz(fn, x, config.lipschitz_iters, gen, config.jacobian_mode)
-
-    den_x, den_sigma, den_owner = [], [], []
+    jobs = []
     for k in range(len(grid) - 1):
-        present = [(run, maps[k], spec) for run, maps, spec in runs if maps[k] is not None]
-        for name in dict.fromkeys(spec.name for _, _, spec in present):
-            _step_lipschitz(denoiser, [p for p in present if p[2].name == name], grid, k, options, lip)
-        if present and config.flow_lipschitz and denoiser.exact:
-            _flow_lipschitz(denoiser, present, grid, k, config, lip)
-        for run, m, _ in present:
-            if m.gamma is not None:
+        for index, (run, maps, spec) in enumerate(runs):
+            m, record = maps[k], run.trace[k]
+            if m is None:
                 continue
-            if grid[k + 1] == 0:
-                run.trace[k].bound_paper = math.inf
-                continue
-            den_x.append(m.x)
-            den_sigma.append(torch.full((len(m.x),), grid[k], dtype=m.x.dtype, device=m.x.device))
-            den_owner.append(run.trace[k])
-    if not den_x:
-        return
-    sigma_all = torch.cat(den_sigma)
-    den_l = lip(lambda z: denoiser(z, sigma_all), torch.cat(den_x), len(grid), 1)
-    for record, part in zip(den_owner, _slices([len(x) for x in den_x]), strict=True):
-        record.lipschitz_denoiser_max = float(den_l[part].max())
+            jobs.append(_LipschitzJob(_step_map(spec, grid, k, m, options), m.x, (k, 0, index), record, "step"))
+            if config.flow_lipschitz and denoiser.exact:
+                flow = _flow_map(grid[k], grid[k + 1], config.flow_log_step)
+                jobs.append(_LipschitzJob(flow, m.x, (k, 2, index), record, "flow"))
+            if m.gamma is None and grid[k + 1] == 0:
+                record.bound_paper = math.inf
+            elif m.gamma is None:
+                jobs.append(_LipschitzJob(_denoiser_map(grid[k]), m.x, (k, 1, index), record, "denoiser"))
+    limit = 0 if config.jacobian_mode == "jvp" else config.lipschitz_batch
+    for group in _groups(jobs, limit):
+        start = time.perf_counter()
+        x = torch.cat([job.x for job in group])
+        w = torch.cat([_start_vectors(job.x, _generator(seed, LIPSCHITZ_STREAM, *job.stream)) for job in group])
+        joint = lockstep(denoiser, [job.fn for job in group], [len(job.x) for job in group])
+        constants = local_lipschitz(joint, x, config.lipschitz_iters, mode=config.jacobian_mode, start=w)
+        elapsed = time.perf_counter() - start
+        for job, part in zip(group, _slices([len(job.x) for job in group]), strict=True):
+            _record(job, constants[part])
+            job.record.diagnostics_time_s += elapsed * len(job.x) / len(x)
+
+
+def _step_map(spec: SolverSpec, grid: list[float], k: int, m: _MapAtStep, options: SolverOptions) -> DenoiserMap:
+    """The applied map of step k, (1 - gamma) scale z + gamma T(z), with the run's history held fixed."""
+    gamma = _per_sample(m.gamma, len(m.x), m.x)
+
+    def step_map(denoise: DenoiseFn, z: torch.Tensor) -> torch.Tensor:
+        return combine(z, spec.step(denoise, z, grid, k, m.history, options).x_next, gamma, m.scale)
+
+    return step_map
+
+
+def _flow_map(sigma: float, sigma_next: float, log_step: float) -> DenoiserMap:
+    """The exact ODE flow from sigma to sigma_next (exact models)."""
+    return lambda denoise, z: flow_map(denoise, z, sigma, sigma_next, max_log_step=log_step)
+
+
+def _denoiser_map(sigma: float) -> DenoiserMap:
+    """z -> D(z, sigma)."""
+    return lambda denoise, z: denoise(z, torch.tensor(sigma, dtype=z.dtype, device=z.device))
+
+
+def _start_vectors(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian start vectors of the Krylov estimate, drawn in float64 on the CPU (the same on every device)."""
+    return torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
+
+
+def _groups(jobs: list[_LipschitzJob], max_samples: int) -> list[list[_LipschitzJob]]:
+    """Consecutive jobs packed into groups of at most ``max_samples`` samples (each job alone when 0)."""
+    groups: list[list[_LipschitzJob]] = []
+    size = 0
+    for job in jobs:
+        if not groups or size + len(job.x) > max_samples:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += len(job.x)
+    return groups
+
+
+def _record(job: _LipschitzJob, constants: torch.Tensor) -> None:
+    """Write a job's per-sample Lipschitz constants into its step record."""
+    record = job.record
+    if job.quantity == "step":
+        record.lipschitz_max, record.lipschitz_median = float(constants.max()), float(constants.median())
+    elif job.quantity == "flow":
+        record.lipschitz_flow_max = float(constants.max())
+    else:
+        record.lipschitz_denoiser_max = float(constants.max())
         record.bound_paper = lipschitz_bound(record.sigma, record.sigma_next, record.lipschitz_denoiser_max)
-
-
-def _step_lipschitz(
-    denoiser: Denoiser,
-    present: list[tuple[RunResult, _MapAtStep, SolverSpec]],
-    grid: list[float],
-    k: int,
-    options: SolverOptions,
-    lip: Callable[..., torch.Tensor],
-) -> None:
-    """One batched Krylov estimate of step k's applied map for runs that apply the same solver step."""
-    start = time.perf_counter()
-    spec = present[0][2]
-    x = torch.cat([m.x for _, m, _ in present])
-    history = tuple(torch.cat(parts) for parts in zip(*(m.history for _, m, _ in present), strict=True))
-    gamma = torch.cat([_per_sample(m.gamma, len(m.x), x) for _, m, _ in present])
-    scale = next((m.scale for _, m, _ in present if m.gamma is not None), 1.0)
-
-    def step_map(z: torch.Tensor) -> torch.Tensor:
-        return combine(z, spec.step(denoiser, z, grid, k, history, options).x_next, gamma, scale)
-
-    step_l = lip(step_map, x, k, 0)
-    elapsed = time.perf_counter() - start
-    for (run, _, _), part in zip(present, _parts(present), strict=True):
-        record = run.trace[k]
-        record.lipschitz_max, record.lipschitz_median = float(step_l[part].max()), float(step_l[part].median())
-        record.diagnostics_time_s = elapsed
-
-
-def _flow_lipschitz(
-    denoiser: Denoiser,
-    present: list[tuple[RunResult, _MapAtStep, SolverSpec]],
-    grid: list[float],
-    k: int,
-    config: DiagnosticsConfig,
-    lip: Callable[..., torch.Tensor],
-) -> None:
-    """The exact flow's Lipschitz constant between step k's noise levels, at every run's states in one batch."""
-    start = time.perf_counter()
-
-    def exact_flow(z: torch.Tensor) -> torch.Tensor:
-        return flow_map(denoiser, z, grid[k], grid[k + 1], max_log_step=config.flow_log_step)
-
-    flow_l = lip(exact_flow, torch.cat([m.x for _, m, _ in present]), k, 2)
-    elapsed = time.perf_counter() - start
-    for (run, _, _), part in zip(present, _parts(present), strict=True):
-        run.trace[k].lipschitz_flow_max = float(flow_l[part].max())
-        run.trace[k].diagnostics_time_s += elapsed
-
-
-def _parts(present: list[tuple[RunResult, _MapAtStep, SolverSpec]]) -> list[slice]:
-    """Each run's rows in the concatenation of the runs' sample subsets."""
-    return _slices([len(m.x) for _, m, _ in present])
 
 
 def _slices(lengths: list[int]) -> list[slice]:

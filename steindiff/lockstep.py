@@ -1,0 +1,110 @@
+"""Maps that call a denoiser, evaluated together: the calls they make in each round as one batched call.
+
+The Lipschitz diagnostics estimate the Jacobian norm of many small maps (every step of every run, a few
+samples each). Each map calls the network one or more times, with its own noise level and history, so
+run one after the other they make many small network calls. :func:`lockstep` runs them side by side
+instead: each map on a short-lived thread that only does the map's own arithmetic, and the caller's
+thread gathers the network calls all live maps are waiting on into one call with per-sample noise levels
+(the network runs on the caller's thread, which keeps one OpenMP pool; see ``compute_thread``). Samples
+never interact, so the result is the maps' outputs; only the batch composition of the calls changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .denoisers.base import Denoiser
+
+__all__ = ["DenoiserMap", "lockstep"]
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: a map of a batch that calls the denoiser it is given, mixing no samples: z -> f(denoise, z)
+DenoiserMap = Callable[[DenoiseFn, torch.Tensor], torch.Tensor]
+
+
+def lockstep(
+    denoiser: Denoiser, maps: Sequence[DenoiserMap], sizes: Sequence[int]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The block-diagonal map z -> cat_i maps[i](denoiser, z_i), z_i the i-th block of ``sizes[i]`` rows.
+
+    In each round, every map still running has either finished or is waiting on a denoiser call; those
+    calls run as one. Autograd sees through it (grad mode is carried to the map threads). Not for
+    torch.func transforms, whose state is per thread: with them, call the maps one by one.
+    """
+    if len(maps) != len(sizes):
+        raise ValueError(f"{len(maps)} maps but {len(sizes)} block sizes")
+
+    def joint(z: torch.Tensor) -> torch.Tensor:
+        if len(maps) == 1:
+            return maps[0](denoiser, z)
+        return _Rounds(denoiser, maps, z.split(list(sizes))).run()
+
+    return joint
+
+
+class _Rounds:
+    """One evaluation of the joint map: the map threads, the calls they wait on, and their outputs."""
+
+    def __init__(self, denoiser: Denoiser, maps: Sequence[DenoiserMap], parts: Sequence[torch.Tensor]):
+        self.denoiser, self.maps, self.parts = denoiser, maps, parts
+        self.grad = torch.is_grad_enabled()
+        self.cond = threading.Condition()
+        self.waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.answers: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.errors: dict[int, BaseException] = {}
+        self.finished = 0
+        self.failure: BaseException | None = None
+
+    def run(self) -> torch.Tensor:
+        threads = [threading.Thread(target=self._work, args=(i,), daemon=True) for i in range(len(self.maps))]
+        for thread in threads:
+            thread.start()
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: len(self.waiting) + self.finished == len(self.maps))
+                if not self.waiting:
+                    break
+                calls = sorted(self.waiting.items())
+                self.waiting.clear()
+            try:
+                out = self.denoiser(torch.cat([x for _, (x, _) in calls]), torch.cat([s for _, (_, s) in calls]))
+                answers = dict(zip([i for i, _ in calls], out.split([len(x) for _, (x, _) in calls]), strict=True))
+            except BaseException as err:  # handed to the waiting maps, then re-raised here
+                answers, self.failure = {}, err
+            with self.cond:
+                self.answers.update(answers)
+                self.cond.notify_all()
+        for thread in threads:
+            thread.join()
+        if self.failure is not None:
+            raise self.failure
+        if self.errors:
+            raise self.errors[min(self.errors)]
+        return torch.cat([self.outputs[i] for i in range(len(self.maps))])
+
+    def _work(self, index: int) -> None:
+        torch.set_grad_enabled(self.grad)  # grad mode is per thread
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            with self.cond:
+                if self.failure is not None:
+                    raise RuntimeError("an earlier batched denoiser call failed")
+                self.waiting[index] = (x, self.denoiser.per_sample_sigma(x, sigma))
+                self.cond.notify_all()
+                self.cond.wait_for(lambda: index in self.answers or self.failure is not None)
+                if index not in self.answers:
+                    raise RuntimeError("the batched denoiser call failed") from self.failure
+                return self.answers.pop(index)
+
+        try:
+            self.outputs[index] = self.maps[index](denoise, self.parts[index])
+        except BaseException as err:  # re-raised on the caller's thread
+            self.errors[index] = err
+        finally:
+            with self.cond:
+                self.finished += 1
+                self.cond.notify_all()

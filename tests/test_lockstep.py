@@ -1,0 +1,136 @@
+"""Maps evaluated in lockstep (their denoiser calls batched) and the compute thread of the server."""
+
+import contextvars
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from steindiff import DiagnosticsConfig, SteinConfig, compare, get_solver, initial_noise, load_model, make_sigmas
+from steindiff.compute_thread import on_compute_thread
+from steindiff.lockstep import lockstep
+from steindiff.solvers import SolverOptions
+
+
+class _CountingCalls(torch.nn.Module):
+    """Wraps a denoiser and logs the batch size of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, sigma):
+        self.calls.append(len(x))
+        return self.model(x, sigma)
+
+    def per_sample_sigma(self, x, sigma):
+        return self.model.per_sample_sigma(x, sigma)
+
+
+def _maps_and_states():
+    """Heun steps (2 calls), DDIM steps (1 call) and a denoiser map at different noise levels, on mnist
+    in float64 (in float32 the batch composition changes the rounding)."""
+    model = load_model("mnist").double()
+    sigmas = make_sigmas("karras", 4, model.sigma_min, model.sigma_max).tolist()
+    options = SolverOptions()
+
+    def step(solver, k):
+        return lambda denoise, z: get_solver(solver).step(denoise, z, sigmas, k, (), options).x_next
+
+    maps = [step("heun", 1), step("ddim", 2), lambda d, z: d(z, torch.tensor(0.7, dtype=z.dtype)), step("heun", 0)]
+    xs = [
+        initial_noise(n, model.event_shape, sigmas[1], seed=i, dtype=torch.float64) for i, n in enumerate((3, 2, 1, 2))
+    ]
+    return model, maps, xs
+
+
+def test_lockstep_batches_the_calls_and_matches_the_maps_run_alone():
+    model, maps, xs = _maps_and_states()
+    counting = _CountingCalls(model)
+    alone = [f(model, x) for f, x in zip(maps, xs, strict=True)]
+    joint = lockstep(counting, maps, [len(x) for x in xs])
+    with torch.no_grad():
+        together = joint(torch.cat(xs))
+    assert counting.calls == [8, 5]  # round 1: every map; round 2: the Heun steps' second evaluations
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-10, atol=1e-10)
+
+
+def test_gradients_flow_through_the_lockstep():
+    model, maps, xs = _maps_and_states()
+    weights = [
+        torch.randn(x.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i, x in enumerate(xs)
+    ]
+    alone = []
+    for f, x, w in zip(maps, xs, weights, strict=True):
+        x_in = x.clone().requires_grad_(True)
+        alone.append(torch.autograd.grad((f(model, x_in) * w).sum(), x_in)[0])
+    z = torch.cat(xs).requires_grad_(True)
+    out = lockstep(model, maps, [len(x) for x in xs])(z)
+    (together,) = torch.autograd.grad((out * torch.cat(weights)).sum(), z)
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-10, atol=1e-10)
+
+
+def test_a_failing_map_or_denoiser_call_raises_on_the_caller_and_hangs_nothing():
+    model, maps, xs = _maps_and_states()
+
+    def broken(denoise, z):
+        denoise(z, torch.tensor(1.0, dtype=z.dtype))
+        raise ArithmeticError("map failed after its first call")
+
+    with pytest.raises(ArithmeticError, match="map failed"):
+        lockstep(model, [maps[0], broken, maps[1]], [3, 2, 2])(torch.cat([xs[0], xs[1], xs[3]]))
+
+    class Failing(_CountingCalls):
+        def forward(self, x, sigma):
+            raise MemoryError("no room for this batch")
+
+    with pytest.raises(MemoryError, match="no room"):
+        lockstep(Failing(model), maps, [len(x) for x in xs])(torch.cat(xs))
+    with pytest.raises(ValueError, match="block sizes"):
+        lockstep(model, maps, [1, 2])
+
+
+def test_lipschitz_estimates_do_not_depend_on_how_the_maps_are_grouped():
+    model = load_model("mnist").double()  # float64: the batch composition changes float32's rounding
+    sigmas = make_sigmas("karras", 3, model.sigma_min, model.sigma_max)
+    x = initial_noise(4, model.event_shape, float(sigmas[0]), seed=3, dtype=torch.float64)
+    diagnostics = DiagnosticsConfig(lipschitz_samples=2, lipschitz_iters=3, jacobian_mode="fd", reference=False)
+    stein = SteinConfig(probes=1, products="fd", gamma_max=1.0)
+    results = [
+        compare(model, x, sigmas, "heun", stein, diagnostics=dataclasses.replace(diagnostics, lipschitz_batch=size))
+        for size in (1, 64)  # every map alone; all of them in one estimate
+    ]
+    fields = ("lipschitz_max", "lipschitz_median", "lipschitz_denoiser_max", "bound_paper")
+    for alone, together in zip(*[[*r.vanilla.trace, *r.stein.trace] for r in results], strict=True):
+        for name in fields:
+            a, b = getattr(alone, name), getattr(together, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert b == pytest.approx(a, rel=1e-6), (alone.step, name)
+    assert results[1].vanilla.trace[0].lipschitz_denoiser_max > 0
+    assert all(r.diagnostics_time_s > 0 for r in results[1].vanilla.trace)
+
+
+def test_compute_thread_runs_everything_on_one_thread_in_the_callers_context():
+    label = contextvars.ContextVar("label")
+    seen = []
+
+    def work(tag):
+        seen.append((threading.current_thread().name, label.get(), tag))
+        return on_compute_thread(lambda: tag)  # nested: runs in place instead of waiting on itself
+
+    def caller(tag):
+        label.set(f"caller {tag}")
+        assert on_compute_thread(work, tag) == tag
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    assert sorted(tag for _, _, tag in seen) == [0, 1, 2]
+    assert len({name for name, _, _ in seen}) == 1 and seen[0][0].startswith("steindiff-compute")
+    assert all(value == f"caller {tag}" for _, value, tag in seen)
+    with pytest.raises(KeyError, match="raised there"):
+        on_compute_thread(lambda: {}["raised there"])
