@@ -46,12 +46,17 @@ def lockstep(
 
 
 class _Rounds:
-    """One evaluation of the joint map: the map threads, the calls they wait on, and their outputs."""
+    """One evaluation of the joint map: the map threads, the calls they wait on, and their outputs.
+
+    Each map thread waits on its own event, so a round wakes only the maps it answers.
+    """
 
     def __init__(self, denoiser: Denoiser, maps: Sequence[DenoiserMap], parts: Sequence[torch.Tensor]):
         self.denoiser, self.maps, self.parts = denoiser, maps, parts
         self.grad = torch.is_grad_enabled()
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.round_ready = threading.Event()  # every live map waits on a call or has finished
+        self.answered = [threading.Event() for _ in maps]
         self.waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.answers: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -64,20 +69,21 @@ class _Rounds:
         for thread in threads:
             thread.start()
         while True:
-            with self.cond:
-                self.cond.wait_for(lambda: len(self.waiting) + self.finished == len(self.maps))
-                if not self.waiting:
-                    break
+            self.round_ready.wait()
+            with self.lock:
+                self.round_ready.clear()
                 calls = sorted(self.waiting.items())
                 self.waiting.clear()
+            if not calls:
+                break
             try:
                 out = self.denoiser(torch.cat([x for _, (x, _) in calls]), torch.cat([s for _, (_, s) in calls]))
-                answers = dict(zip([i for i, _ in calls], out.split([len(x) for _, (x, _) in calls]), strict=True))
+                self.answers.update(zip([i for i, _ in calls], out.split([len(x) for _, (x, _) in calls]), strict=True))
             except BaseException as err:  # handed to the waiting maps, then re-raised here
-                answers, self.failure = {}, err
-            with self.cond:
-                self.answers.update(answers)
-                self.cond.notify_all()
+                with self.lock:
+                    self.failure = err
+            for i, _ in calls:
+                self.answered[i].set()
         for thread in threads:
             thread.join()
         if self.failure is not None:
@@ -86,25 +92,31 @@ class _Rounds:
             raise self.errors[min(self.errors)]
         return torch.cat([self.outputs[i] for i in range(len(self.maps))])
 
+    def _round_complete(self) -> None:
+        """Under the lock: wake the caller when no live map is left running."""
+        if len(self.waiting) + self.finished == len(self.maps):
+            self.round_ready.set()
+
     def _work(self, index: int) -> None:
         torch.set_grad_enabled(self.grad)  # grad mode is per thread
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            with self.cond:
+            with self.lock:
                 if self.failure is not None:
                     raise RuntimeError("an earlier batched denoiser call failed")
                 self.waiting[index] = (x, self.denoiser.per_sample_sigma(x, sigma))
-                self.cond.notify_all()
-                self.cond.wait_for(lambda: index in self.answers or self.failure is not None)
-                if index not in self.answers:
-                    raise RuntimeError("the batched denoiser call failed") from self.failure
-                return self.answers.pop(index)
+                self._round_complete()
+            self.answered[index].wait()
+            self.answered[index].clear()
+            if index not in self.answers:
+                raise RuntimeError("the batched denoiser call failed") from self.failure
+            return self.answers.pop(index)
 
         try:
             self.outputs[index] = self.maps[index](denoise, self.parts[index])
         except BaseException as err:  # re-raised on the caller's thread
             self.errors[index] = err
         finally:
-            with self.cond:
+            with self.lock:
                 self.finished += 1
-                self.cond.notify_all()
+                self._round_complete()

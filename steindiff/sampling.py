@@ -254,7 +254,7 @@ def _applied_spec(solver: str | SolverSpec, stein: SteinConfig | None) -> Solver
 
 
 def _integrate(
-    denoiser: Denoiser,
+    denoiser: Denoiser | _SharedFirstCall,
     x: torch.Tensor,
     sigmas: Sequence[float] | torch.Tensor,
     solver: str | SolverSpec,
@@ -492,6 +492,30 @@ def _per_sample(gamma: torch.Tensor | None, n: int, like: torch.Tensor) -> torch
     return gamma.to(torch.float64).expand(n) if gamma.ndim == 0 else gamma.to(torch.float64)
 
 
+class _SharedFirstCall:
+    """Runs from the same noise begin with the same network call: D at sigma_0 of x_0 (and, with
+    forward-difference probes, of the same probe states). A later run whose call is identical to the
+    first call made (compared exactly) takes its answer; with autograd recording, nothing is shared.
+    NFE counts are unchanged: each run's counter still counts the call it asked for."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+        self.first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.called = False
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        recording = torch.is_grad_enabled() and x.requires_grad
+        if self.first is not None and not recording:
+            first_x, first_sigma, answer = self.first
+            if first_x.shape == x.shape and torch.equal(first_x, x) and torch.equal(first_sigma, sigma):
+                return answer
+        out = self.denoiser(x, sigma)
+        if not self.called and not recording:
+            self.first = (x, sigma, out)
+        self.called = True
+        return out
+
+
 def compare(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -523,11 +547,12 @@ def compare(
         reference = None
     observe = stein is not None and observe_vanilla
     observer = SteinConfig(**{**asdict(stein), "apply": False, "lookahead": False}) if observe else None
+    shared = _SharedFirstCall(denoiser)
 
     def run(config: SteinConfig | None, label: str) -> tuple[RunResult, list[_MapAtStep | None], SolverSpec]:
         hook = (lambda record, _x: callback(label, record)) if callback else None
         return *_integrate(
-            denoiser,
+            shared,
             x,
             grid,
             solver,

@@ -35,6 +35,29 @@ def test_same_seed_same_samples_and_trace():
     assert not torch.equal(other.stein.samples, first.stein.samples)
 
 
+@pytest.mark.parametrize(("products", "calls"), [("fd", 9), ("vjp", 10)])
+def test_the_runs_share_their_identical_first_call_and_nothing_else(products, calls):
+    model = load_model("gmm-ring")
+    log = []
+
+    def logged(x, sigma):
+        log.append(len(x))
+        return model(x, sigma)
+
+    sigmas = make_sigmas("karras", 5)
+    x = initial_noise(32, model.event_shape, float(sigmas[0]), seed=2)
+    stein = SteinConfig(products=products, probes=2)
+    none = DiagnosticsConfig(lipschitz=False, reference=False)
+    result = compare(logged, x, sigmas, "dpmpp_2m", stein, diagnostics=none, seed=2)
+    assert len(log) == calls  # 5 a run; with autograd recording (VJP products) nothing is shared
+    assert result.vanilla.nfe_total == result.stein.nfe_total == 5
+    observer = SteinConfig(products=products, probes=2, apply=False)
+    for run, config in ((result.vanilla, observer), (result.stein, stein)):
+        alone = sample(model, x, sigmas, "dpmpp_2m", stein=config, diagnostics=none, seed=2)
+        assert torch.equal(run.samples, alone.samples)
+        assert [r.gamma_raw for r in run.trace] == [r.gamma_raw for r in alone.trace]
+
+
 def test_trace_has_every_quantity_and_serialises():
     result = _ring_compare()
     for run in (result.vanilla, result.stein):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -64,7 +65,7 @@ class ExactDenoiser(Denoiser):
 class CountingDenoiser:
     """Wraps a denoiser and counts network function evaluations (one batched call = 1 NFE)."""
 
-    def __init__(self, denoiser: Denoiser):
+    def __init__(self, denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         self.denoiser = denoiser
         self.nfe = 0
 
