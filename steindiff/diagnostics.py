@@ -83,7 +83,7 @@ def local_lipschitz(
     "vjp2" a double VJP (for models where forward mode fails); "fd" a forward difference
     (:func:`steindiff.finite_difference.fd_step`): one forward a product instead of three, and a lower
     bound only up to the difference's error (3 rounds on the shipped UNet: within 1% of the double VJP's).
-    ``start`` gives the start vectors q_1 (any shape of ``x``; normalised per sample), else they are
+    ``start`` gives the start vectors q_1 (shaped like ``x``; normalised per sample), else they are
     Gaussian from ``generator``.
     """
     if iters < 1:

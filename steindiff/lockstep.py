@@ -16,11 +16,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .denoisers.base import Denoiser
+from .denoisers.base import DenoiseFn, Denoiser
 
 __all__ = ["DenoiserMap", "lockstep"]
 
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: a map of a batch that calls the denoiser it is given, mixing no samples: z -> f(denoise, z)
 DenoiserMap = Callable[[DenoiseFn, torch.Tensor], torch.Tensor]
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["flow_map", "reference_trajectory"]
+from .denoisers.base import DenoiseFn
 
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["flow_map", "reference_trajectory"]
 
 
 def _rk4_log_sigma(denoise: DenoiseFn, x: torch.Tensor, sigma_from: float, sigma_to: float, max_log_step: float):

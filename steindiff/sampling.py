@@ -12,10 +12,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .denoisers.base import CountingDenoiser, Denoiser
+from .denoisers.base import CountingDenoiser, DenoiseFn, Denoiser
 from .diagnostics import JacobianMode, lipschitz_bound, local_lipschitz, mean_distance
 from .finite_difference import fd_step
-from .lockstep import DenoiseFn, DenoiserMap, lockstep
+from .lockstep import DenoiserMap, lockstep
 from .reference import flow_map, reference_trajectory
 from .solvers import SolverOptions, SolverSpec, StepResult, get_solver, with_lookahead
 from .stein import (
@@ -254,7 +254,7 @@ def _applied_spec(solver: str | SolverSpec, stein: SteinConfig | None) -> Solver
 
 
 def _integrate(
-    denoiser: Denoiser | _SharedFirstCall,
+    denoiser: DenoiseFn,
     x: torch.Tensor,
     sigmas: Sequence[float] | torch.Tensor,
     solver: str | SolverSpec,
@@ -500,14 +500,15 @@ class _SharedFirstCall:
 
     def __init__(self, denoiser: Denoiser):
         self.denoiser = denoiser
-        self.first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.first: tuple[torch.Tensor, torch.Tensor | float, torch.Tensor] | None = None
         self.called = False
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         recording = torch.is_grad_enabled() and x.requires_grad
         if self.first is not None and not recording:
             first_x, first_sigma, answer = self.first
-            if first_x.shape == x.shape and torch.equal(first_x, x) and torch.equal(first_sigma, sigma):
+            same_sigma = torch.equal(torch.as_tensor(first_sigma), torch.as_tensor(sigma))
+            if first_x.shape == x.shape and same_sigma and torch.equal(first_x, x):
                 return answer
         out = self.denoiser(x, sigma)
         if not self.called and not recording:

@@ -18,6 +18,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from .denoisers.base import DenoiseFn
+
 __all__ = [
     "SOLVERS",
     "SolverOptions",
@@ -32,7 +34,6 @@ __all__ = [
     "with_lookahead",
 ]
 
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 History = tuple[torch.Tensor, ...]
 
 

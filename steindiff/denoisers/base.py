@@ -8,7 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["CountingDenoiser", "Denoiser", "ExactDenoiser"]
+__all__ = ["CountingDenoiser", "DenoiseFn", "Denoiser", "ExactDenoiser"]
+
+#: what solvers and flows call: (x, sigma) -> D(x, sigma), a denoiser or a wrapper of one
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Denoiser(nn.Module, abc.ABC):
@@ -65,7 +68,7 @@ class ExactDenoiser(Denoiser):
 class CountingDenoiser:
     """Wraps a denoiser and counts network function evaluations (one batched call = 1 NFE)."""
 
-    def __init__(self, denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    def __init__(self, denoiser: DenoiseFn):
         self.denoiser = denoiser
         self.nfe = 0
 
