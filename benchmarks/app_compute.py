@@ -5,6 +5,7 @@
 For machines without gradio (the lent GPU machines): the cases and settings of app_roundtrip.py, through
 the same ``steindiff.interactive.build_experiment``, timed around ``run_experiment``. The round trip adds
 the figures, the images and the HTTP exchange; app_roundtrip.py measures all of it where gradio runs.
+Torch's default threads (as the app has) unless OMP_NUM_THREADS is set.
 Not a test: the figures depend on the machine.
 """
 
@@ -17,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch

@@ -1,58 +1,81 @@
-"""Round-trip time of the app's /run endpoint, called with gradio_client against a launched server.
+"""Round-trip time of the app's /run endpoint: `python app.py` started as users start it, called with gradio_client.
 
     python benchmarks/app_roundtrip.py [--repeats 5]
 
 Cases (both samplers, diagnostics on): `mnist`, NFE 5, batch 16, Lipschitz on 4 samples (target: 3 s on
 the 2-core CPU, 0.5 s on a GPU); `gmm-ring`, NFE 5, 2,000 particles (target: 1 s). Prints the median and
-the spread of the round trips after one warm-up call, for repeated calls with the same seed (the app
-reuses the cached reference solution) and with a new seed each call (the reference is computed).
-Not a test: the figures depend on the machine.
+the spread of the round trips (the output files downloaded, as a browser fetches them) after one warm-up
+call, for repeated calls with the same seed (the app reuses the cached reference solution) and with a
+new seed each call (the reference is computed). The server is its own process, with torch's default
+threads unless OMP_NUM_THREADS is set; a client in the server's process would compete with it for the
+interpreter lock. Not a test: the figures depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch
 from app_compute import BASE, CASES  # the same cases, without the server
 from gradio_client import Client
 
-import app
-from steindiff.experiment import ModelCatalog
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _connect(url: str, server: subprocess.Popen, timeout_s: float = 300) -> Client:
+    """A client once the server answers (it loads torch and gradio first)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"app.py exited with status {server.returncode} before serving")
+        try:
+            return Client(url, verbose=False)
+        except Exception:  # not up yet: connection refused, or an incomplete config
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    demo = app.make_app(ModelCatalog())
-    url = app.launch(demo, port=None, block=False)
-    client = Client(url, verbose=False)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    print(f"device: {device}; torch threads: {torch.get_num_threads()}")
-    for name, case in CASES.items():
-        settings = {**BASE, **case}
-        client.predict(*settings.values(), api_name="/run")  # warm-up: model load, first-call overheads
-        for label, seeds in (("same seed, reference cached", [0] * args.repeats), ("new seed each call", None)):
-            times = []
-            for i in range(args.repeats):
-                call = {**settings, "seed": seeds[i] if seeds else 1000 + i}  # in the order of app.SETTINGS
-                start = time.perf_counter()
-                client.predict(*call.values(), api_name="/run")
-                times.append(time.perf_counter() - start)
-            print(
-                f"{name}, {label}: median {statistics.median(times):.2f} s "
-                f"(min {min(times):.2f}, max {max(times):.2f}, {args.repeats} calls)"
-            )
-    demo.close()
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env)
+    try:
+        client = _connect(f"http://127.0.0.1:{port}/", server)
+        threads = os.environ.get("OMP_NUM_THREADS", f"torch's default ({os.cpu_count()} cores)")
+        print(f"server: python app.py, torch threads: {threads}")
+        for name, case in CASES.items():
+            settings = {**BASE, **case}
+            client.predict(*settings.values(), api_name="/run")  # warm-up: model load, first-call overheads
+            for label, seeds in (("same seed, reference cached", [0] * args.repeats), ("new seed each call", None)):
+                times = []
+                for i in range(args.repeats):
+                    call = {**settings, "seed": seeds[i] if seeds else 1000 + i}  # in the order of app.SETTINGS
+                    start = time.perf_counter()
+                    client.predict(*call.values(), api_name="/run")
+                    times.append(time.perf_counter() - start)
+                print(
+                    f"{name}, {label}: median {statistics.median(times):.2f} s "
+                    f"(min {min(times):.2f}, max {max(times):.2f}, {args.repeats} calls)"
+                )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 if __name__ == "__main__":
