@@ -91,12 +91,13 @@ def test_a_failing_map_or_denoiser_call_raises_on_the_caller_and_hangs_nothing()
         lockstep(model, maps, [1, 2])
 
 
-def test_lipschitz_estimates_do_not_depend_on_how_the_maps_are_grouped():
+@pytest.mark.parametrize(("mode", "products"), [("fd", "fd"), ("vjp2", "vjp")])  # the app's and the CLI's
+def test_lipschitz_estimates_do_not_depend_on_how_the_maps_are_grouped(mode, products):
     model = load_model("mnist").double()  # float64: the batch composition changes float32's rounding
     sigmas = make_sigmas("karras", 3, model.sigma_min, model.sigma_max)
     x = initial_noise(4, model.event_shape, float(sigmas[0]), seed=3, dtype=torch.float64)
-    diagnostics = DiagnosticsConfig(lipschitz_samples=2, lipschitz_iters=3, jacobian_mode="fd", reference=False)
-    stein = SteinConfig(probes=1, products="fd", gamma_max=1.0)
+    diagnostics = DiagnosticsConfig(lipschitz_samples=2, lipschitz_iters=3, jacobian_mode=mode, reference=False)
+    stein = SteinConfig(probes=1, products=products, gamma_max=1.0)
     results = [
         compare(model, x, sigmas, "heun", stein, diagnostics=dataclasses.replace(diagnostics, lipschitz_batch=size))
         for size in (1, 64)  # every map alone; all of them in one estimate
