@@ -1,11 +1,13 @@
 """One thread for a server's torch work, so that only one OpenMP thread pool ever exists.
 
-A server answers requests on many threads (gradio: a pool of workers, a different one per request).
-With GNU OpenMP (torch's CPU backend on Linux), every thread that runs a parallel op gets its own pool of
-OpenMP threads, and once the pools together hold more threads than there are cores, libgomp stops spinning
-between parallel regions and puts its threads to sleep instead. The mnist UNet then ran 40% slower (batch
-16, 2 threads: 66 ms against 47 ms; its group norms and activations 1.6-1.8x slower), on every thread.
-Running all torch work on one long-lived thread keeps a single pool, as in a script.
+A server answers requests on many threads (gradio: a pool of workers; concurrent requests get different
+ones). With GNU OpenMP (torch's CPU backend on Linux), every thread that runs a parallel op gets its own
+pool of OpenMP threads, and once the pools together hold more threads than there are cores, libgomp stops
+spinning between parallel regions and puts its threads to sleep instead, for the life of the process.
+On the 2-core CPU, after one burst of 4 concurrent requests every later mnist UNet forward (batch 16)
+took 59-63 ms instead of 40 ms, group norms and activations 1.6-1.8x slower; loading a model on the main
+thread at start-up (``--model``) has the same effect. Running all torch work on one long-lived thread
+keeps a single pool, as in a script.
 """
 
 from __future__ import annotations

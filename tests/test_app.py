@@ -2,6 +2,7 @@
 
 import json
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -104,7 +105,15 @@ def test_nan_sent_as_raw_json_is_refused_by_the_server(server):
     assert _call(Client(server, verbose=False), batch=16, lipschitz=False)[10]["vanilla"]["nfe_total"] == 5
 
 
-def test_eight_concurrent_requests_are_all_answered(server):
+def test_eight_concurrent_requests_are_all_answered_on_the_one_compute_thread(server, monkeypatch):
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return run_experiment(*args, **kwargs)
+
+    monkeypatch.setattr(app, "run_experiment", recording)
+
     def one(seed: int):
         out = _call(Client(server, verbose=False), seed=seed, batch=32, lipschitz=False)
         return seed, out[10]
@@ -114,6 +123,8 @@ def test_eight_concurrent_requests_are_all_answered(server):
     assert [summary["config"]["seed"] for _, summary in answers] == list(range(8))
     errors = {summary["vanilla"]["final"]["err_ref"] for _, summary in answers}
     assert len(errors) == 8  # eight different seeds, eight different results
+    # gradio ran the requests on several worker threads; torch ran on one (one OpenMP pool: compute_thread.py)
+    assert len(threads) == 8 and {name.split("_")[0] for name in threads} == {"steindiff-compute"}
 
 
 def test_image_model_run_returns_grids_and_a_slider(server):
