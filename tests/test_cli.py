@@ -62,6 +62,22 @@ def test_capped_run_records_what_the_correction_did(tmp_path, capsys):
     assert all(step["lipschitz_max"] is None for step in data["stein"]["trace"])
 
 
+def test_lipschitz_batch_changes_the_grouping_not_the_estimates(tmp_path, capsys):
+    traces = []
+    for size in ("4", "64"):
+        out = tmp_path / f"lipschitz-{size}.json"
+        args = [*EXAMPLE, "--batch", "64", "--lipschitz-samples", "4", "--lipschitz-batch", size, "--out", str(out)]
+        assert main(args) == 0
+        data = json.loads(out.read_text())
+        assert data["config"]["diagnostics"]["lipschitz_batch"] == int(size)
+        traces.append([step for run in ("vanilla", "stein") for step in data[run]["trace"]])
+    for alone, together in zip(*traces, strict=True):
+        for name in ("lipschitz_max", "lipschitz_flow_max"):
+            assert alone[name] is not None and together[name] == pytest.approx(alone[name], rel=1e-4)
+    with pytest.raises(SystemExit):
+        main([*EXAMPLE, "--lipschitz-batch", "0"])
+
+
 def test_vanilla_only_without_stein(capsys):
     assert main(["sample", "--model", "gmm-aniso", "--solver", "heun", "--nfe", "5", "--batch", "16"]) == 0
     printed = capsys.readouterr().out
