@@ -91,12 +91,13 @@ def _current(config: dict) -> dict:
 
 
 def merge(model: str, folders: list[Path], out: Path) -> None:
-    """One sweep folder from several of the same model and settings: union of cells, summed wall time."""
+    """One sweep folder from several of the same model and settings: union of cells (pieces may hold
+    different solvers, schedules and variants), summed wall time. A cell held twice is refused."""
     documents = [json.loads((folder / "results.json").read_text()) for folder in folders]
     configs = [_current(d["config"]) for d in documents]
     if any(c["model"] != model for c in configs):
         raise SystemExit(f"--merge {model}: the folders hold other models")
-    same = ("samples", "seeds", "batch", "probes", "products", "reference_samples", "nfe", "variants")
+    same = ("samples", "seeds", "batch", "probes", "products", "reference_samples", "nfe")
     for key in same:
         if any(c[key] != configs[0][key] for c in configs):
             raise SystemExit(f"--merge: the folders differ in {key}")
@@ -107,7 +108,12 @@ def merge(model: str, folders: list[Path], out: Path) -> None:
         return CellResult(**{k: v for k, v in row.items() if k in fields}, scores=scores)
 
     cells = [cell(r) for d in documents for r in d["per_seed"]]
-    union = {key: tuple(dict.fromkeys(v for c in configs for v in c[key])) for key in ("solvers", "schedules")}
+    keys = [(c.solver, c.schedule, c.nfe, c.variant, c.seed) for c in cells]
+    if len(set(keys)) < len(keys):
+        raise SystemExit("--merge: a cell (solver, schedule, NFE, variant, seed) is in more than one folder")
+    union = {
+        key: tuple(dict.fromkeys(v for c in configs for v in c[key])) for key in ("solvers", "schedules", "variants")
+    }
     config = BenchConfig(**{**configs[0], **union, "seeds": tuple(configs[0]["seeds"])})
     facts = dict(documents[0]["facts"])
     seconds = sum(float(d["facts"]["wall time"].split()[0]) for d in documents)

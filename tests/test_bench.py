@@ -1,6 +1,7 @@
 """The benchmark: per-sample seeds, sharding over torchrun processes, metrics, files, and the cost table."""
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -130,22 +131,30 @@ def test_outputs_hold_every_row_and_a_plot(tmp_path):
 
 
 def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
-    """benchmarks/results.py --merge: one piece per solver gives the summary of the sweep run at once."""
+    """benchmarks/results.py --merge: pieces by solver (and, for one solver, by variant) give the summary
+    of the sweep run at once."""
     spec = importlib.util.spec_from_file_location("results_page", ROOT / "benchmarks" / "results.py")
     page = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(page)
-    whole = _ring_config(nfe=(3,), seeds=(0,), samples=32)
+    whole = _ring_config(nfe=(3,), seeds=(0,), samples=32, variants=("vanilla", "stein", "stein-cap1"))
     facts = {"machine": "test", "processes": 1, "wall time": "1 s", "command": "bench"}
-    for solver in whole.solvers:
-        piece = _ring_config(nfe=(3,), seeds=(0,), samples=32, solvers=(solver,))
-        write_outputs(piece, _run(piece), tmp_path / solver, facts)
-    older = tmp_path / whole.solvers[0] / "results.json"  # made before `products` replaced `batched_probes`
+    first, second = whole.solvers
+    pieces = {
+        first: {"solvers": (first,)},
+        f"{second}-required": {"solvers": (second,), "variants": ("vanilla", "stein")},
+        f"{second}-more": {"solvers": (second,), "variants": ("stein-cap1",)},  # run later, without vanilla
+    }
+    for name, changes in pieces.items():
+        piece = dataclasses.replace(whole, **changes)
+        write_outputs(piece, _run(piece), tmp_path / name, facts)
+    older = tmp_path / first / "results.json"  # made before `products` replaced `batched_probes`
     document = json.loads(older.read_text())
     document["config"]["batched_probes"] = document["config"].pop("products") == "vjp-batched"
     older.write_text(json.dumps(document))
-    page.merge("gmm-ring", [tmp_path / s for s in whole.solvers], tmp_path / "docs")
+    page.merge("gmm-ring", [tmp_path / name for name in pieces], tmp_path / "docs")
     merged = json.loads((tmp_path / "docs" / "results" / "gmm-ring" / "results.json").read_text())
-    assert merged["config"]["solvers"] == list(whole.solvers) and merged["facts"]["wall time"].startswith("2 s")
+    assert merged["config"]["solvers"] == list(whole.solvers) and merged["facts"]["wall time"].startswith("3 s")
+    assert merged["config"]["variants"] == list(whole.variants)
 
     def timeless(rows):
         return [{k: v for k, v in row.items() if k != "wall_s"} for row in rows]
@@ -154,7 +163,9 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
     with pytest.raises(SystemExit, match="differ in samples"):
         other = _ring_config(nfe=(3,), seeds=(0,), samples=64, solvers=("heun",))
         write_outputs(other, _run(other), tmp_path / "other", facts)
-        page.merge("gmm-ring", [tmp_path / "dpmpp_2m", tmp_path / "other"], tmp_path / "docs")
+        page.merge("gmm-ring", [tmp_path / first, tmp_path / "other"], tmp_path / "docs")
+    with pytest.raises(SystemExit, match="more than one folder"):
+        page.merge("gmm-ring", [tmp_path / first, tmp_path / first], tmp_path / "docs")
 
 
 def test_markdown_marks_non_finite_and_diverged_cells():
