@@ -7,7 +7,7 @@
 #   1. the app's /run compute (benchmarks/app_compute.py; issue 4's GPU figure);
 #   2. the mnist sweep pieces missing from docs/results/mnist-h100 (issue 5), one bench run per solver
 #      and schedule with the variants its "done when" names (vanilla, stein, stein-cap1): 2,000 samples,
-#      3 seeds, batch 500, K = 1, about 100 s each on an H100;
+#      3 seeds, batch 500, K = 1 (estimated 100 s each on an H100, against 193 s measured with six variants);
 #   3. the cost table (batch 64, K = 1 and 5, VJP and forward-difference probes);
 #   4. the same pieces' other variants (stein-safe, sc-noise, sc-lookahead), as runs of their own;
 #   5. one 50,000-sample FD-MNIST cell (measured before: 21.7 s vanilla, 34.5 s stein-safe on an H100).
