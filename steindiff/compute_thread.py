@@ -5,9 +5,9 @@ ones). With GNU OpenMP (torch's CPU backend on Linux), every thread that runs a 
 pool of OpenMP threads, and once the pools together hold more threads than there are cores, libgomp stops
 spinning between parallel regions and puts its threads to sleep instead, for the life of the process.
 On the 2-core CPU, after one burst of 4 concurrent requests every later mnist UNet forward (batch 16)
-took 59-63 ms instead of 40 ms, group norms and activations 1.6-1.8x slower; loading a model on the main
-thread at start-up (``--model``) has the same effect. Running all torch work on one long-lived thread
-keeps a single pool, as in a script.
+took 59-63 ms instead of 40 ms, group norms and activations 1.6-1.8x slower. A model loaded on the main
+thread at start-up (``--model``) would start a second pool too. Running all torch work, loading
+included, on one long-lived thread keeps a single pool, as in a script.
 """
 
 from __future__ import annotations
