@@ -10,7 +10,7 @@ import torch
 
 from .finite_difference import fd_step
 
-__all__ = ["JacobianMode", "jacobian_rows", "lipschitz_bound", "local_lipschitz", "mean_distance"]
+__all__ = ["JacobianMode", "jacobian_rows", "krylov_start", "lipschitz_bound", "local_lipschitz", "mean_distance"]
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
 JacobianMode = Literal["jvp", "vjp2", "fd"]
@@ -60,6 +60,12 @@ def jacobian_rows(fn: MapFn, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=1)
 
 
+def krylov_start(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian start vectors shaped like ``x`` for :func:`local_lipschitz`, drawn in float64 on the CPU
+    (the same on every device)."""
+    return torch.randn(x.shape, generator=generator, dtype=torch.float64)
+
+
 def local_lipschitz(
     fn: MapFn,
     x: torch.Tensor,
@@ -91,9 +97,7 @@ def local_lipschitz(
     if x[0].numel() <= exact_max_dim:
         return torch.linalg.matrix_norm(jacobian_rows(fn, x).to(torch.float64), ord=2).to(x.dtype)
     jvp, vjp = _jvp_product(fn, x, mode)
-    if start is None:
-        start = torch.randn(x.shape, generator=generator, dtype=torch.float64)
-    w = start.to(dtype=x.dtype, device=x.device)
+    w = (krylov_start(x, generator) if start is None else start).to(dtype=x.dtype, device=x.device)
     tiny = torch.finfo(x.dtype).tiny
     q = _per_sample_normalise(w).flatten(1)
     basis, images = [q], []

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .denoisers.base import CountingDenoiser, DenoiseFn, Denoiser
-from .diagnostics import JacobianMode, lipschitz_bound, local_lipschitz, mean_distance
+from .diagnostics import JacobianMode, krylov_start, lipschitz_bound, local_lipschitz, mean_distance
 from .finite_difference import fd_step
 from .lockstep import DenoiserMap, lockstep
 from .reference import flow_map, reference_trajectory
@@ -420,7 +420,7 @@ def _measure_lipschitz(
     for group in _groups(jobs, limit):
         start = time.perf_counter()
         x = torch.cat([job.x for job in group])
-        w = torch.cat([_start_vectors(job.x, _generator(seed, LIPSCHITZ_STREAM, *job.stream)) for job in group])
+        w = torch.cat([krylov_start(job.x, _generator(seed, LIPSCHITZ_STREAM, *job.stream)) for job in group])
         joint = lockstep(denoiser, [job.fn for job in group], [len(job.x) for job in group])
         constants = local_lipschitz(joint, x, config.lipschitz_iters, mode=config.jacobian_mode, start=w)
         elapsed = time.perf_counter() - start
@@ -447,11 +447,6 @@ def _flow_map(sigma: float, sigma_next: float, log_step: float) -> DenoiserMap:
 def _denoiser_map(sigma: float) -> DenoiserMap:
     """z -> D(z, sigma)."""
     return lambda denoise, z: denoise(z, torch.tensor(sigma, dtype=z.dtype, device=z.device))
-
-
-def _start_vectors(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian start vectors of the Krylov estimate, drawn in float64 on the CPU (the same on every device)."""
-    return torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
 
 
 def _groups(jobs: list[_LipschitzJob], max_samples: int) -> list[list[_LipschitzJob]]:
