@@ -5,10 +5,10 @@
 Cases (both samplers, diagnostics on): `mnist`, NFE 5, batch 16, Lipschitz on 4 samples (target: 3 s on
 the 2-core CPU, 0.5 s on a GPU); `gmm-ring`, NFE 5, 2,000 particles (target: 1 s). Prints the median and
 the spread of the round trips (the output files downloaded, as a browser fetches them) after one warm-up
-call, for repeated calls with the same seed (the app reuses the cached reference solution) and with a
-new seed each call (the reference is computed). The server is its own process, with torch's default
-threads unless OMP_NUM_THREADS is set; a client in the server's process would compete with it for the
-interpreter lock. Not a test: the figures depend on the machine.
+call, for the calls of ``app_compute.call_plans``: the same seed again (everything cached), the same seed
+on a new grid (the reference solution reused), a new seed (the reference solved). The server is its own
+process, with torch's default threads unless OMP_NUM_THREADS is set; a client in the server's process
+would compete with it for the interpreter lock. Not a test: the figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from app_compute import BASE, CASES  # the same cases, without the server
+from app_compute import BASE, CASES, call_plans, report  # the same cases and calls, without the server
 from gradio_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,19 +59,17 @@ def main() -> None:
         threads = os.environ.get("OMP_NUM_THREADS", f"torch's default ({os.cpu_count()} cores)")
         print(f"server: python app.py, torch threads: {threads}")
         for name, case in CASES.items():
-            settings = {**BASE, **case}
+            settings = {**BASE, **case}  # in the order of app.SETTINGS
             client.predict(*settings.values(), api_name="/run")  # warm-up: model load, first-call overheads
-            for label, seeds in (("same seed, reference cached", [0] * args.repeats), ("new seed each call", None)):
+            for label, plan in call_plans(settings, args.repeats).items():
                 times = []
-                for i in range(args.repeats):
-                    call = {**settings, "seed": seeds[i] if seeds else 1000 + i}  # in the order of app.SETTINGS
+                for setup, call in plan:
+                    if setup is not None:
+                        client.predict(*setup.values(), api_name="/run")
                     start = time.perf_counter()
                     client.predict(*call.values(), api_name="/run")
                     times.append(time.perf_counter() - start)
-                print(
-                    f"{name}, {label}: median {statistics.median(times):.2f} s "
-                    f"(min {min(times):.2f}, max {max(times):.2f}, {args.repeats} calls)"
-                )
+                report(name, label, times)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -13,6 +13,7 @@ import torch
 from .denoisers import MODELS, Denoiser, load_denoiser, load_model
 from .denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
 from .metrics import DIGIT_SHAPE, load_classifier, score_digits
+from .reference import FlowSolution
 from .sampling import Comparison, DiagnosticsConfig, StepRecord, compare, initial_noise
 from .schedules import SCHEDULES, make_sigmas
 from .solvers import SOLVERS, SolverOptions, get_solver
@@ -144,20 +145,21 @@ class ModelCatalog:
         self.half = half
         self._loaded: dict[tuple[str, str], Denoiser] = {}
         self._kinds: dict[str, str] = {}
-        self._references: dict[tuple, list[torch.Tensor]] = {}
+        self._flows: dict[tuple, FlowSolution] = {}
 
-    def reference(self, key: tuple) -> list[torch.Tensor] | None:
-        """A reference trajectory computed earlier for the same model, noise and grid."""
-        return self._references.get(key)
+    def reference_flow(self, key: tuple) -> FlowSolution | None:
+        """A reference ODE solution computed earlier for the same model, noise and reference settings."""
+        return self._flows.get(key)
 
-    def remember_reference(self, key: tuple, states: list[torch.Tensor] | None, keep: int = 16) -> None:
-        """Keep the last ``keep`` reference trajectories (changing only Stein settings reuses them)."""
-        if states is None:
+    def remember_reference_flow(self, key: tuple, flow: FlowSolution | None, keep: int = 16) -> None:
+        """Keep the last ``keep`` reference solutions: a run that changes only the solver, the schedule, the
+        NFE or the Stein settings reuses one."""
+        if flow is None:
             return
-        self._references.pop(key, None)
-        self._references[key] = states
-        while len(self._references) > keep:
-            self._references.pop(next(iter(self._references)))
+        self._flows.pop(key, None)
+        self._flows[key] = flow
+        while len(self._flows) > keep:
+            self._flows.pop(next(iter(self._flows)))
 
     def names(self) -> list[str]:
         return [*MODELS, *self.extra, *self.diffusers_models]
@@ -254,14 +256,15 @@ def run_experiment(
         experiment.batch, model.event_shape, float(sigmas[0]), experiment.seed, dtype, experiment.device
     )
     diag = experiment.diagnostics
-    reference_key = (
+    grid = sigmas.tolist()
+    reference_key = (  # what the reference solution depends on: not the grid between its ends
         experiment.model,
         experiment.device,
         experiment.dtype,
         experiment.seed,
-        experiment.batch,
-        tuple(sigmas.tolist()),
-        diag.reference_samples,
+        len(noise[: diag.reference_samples]),
+        grid[0],
+        [s for s in grid if s > 0][-1],
         diag.reference_log_step,
         diag.reference_floor_ratio,
     )
@@ -275,9 +278,9 @@ def run_experiment(
         diagnostics=diag,
         seed=experiment.seed,
         callback=callback,
-        reference=models.reference(reference_key) if diag.reference else None,
+        flow=models.reference_flow(reference_key) if diag.reference else None,
     )
-    models.remember_reference(reference_key, comparison.reference)
+    models.remember_reference_flow(reference_key, comparison.flow)
     field_2d = vector_field(model, comparison.sigmas, experiment.device) if model.event_shape == (2,) else None
     result = ExperimentResult(experiment, model, comparison, {}, field_2d)
     if experiment.score and model.event_shape == DIGIT_SHAPE and experiment.batch >= 2:

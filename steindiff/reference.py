@@ -1,43 +1,69 @@
 """Reference solutions of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (EDM Eq. 4).
 
-Integrated with classical RK4 in s = log sigma, where the ODE reads dx/ds = x - D(x, e^s), with
-substeps of at most ``max_log_step`` between consecutive grid points. The segment into sigma = 0 is
+Integrated with classical RK4 in s = log sigma, where the ODE reads dx/ds = x - D(x, e^s). A
+:class:`FlowSolution` holds the states on a uniform lattice in s, steps of at most ``max_log_step``, from
+the starting noise level down to the last one it needs. Any noise level in between is one RK4 step from
+the lattice node above it, so one solution serves every grid over the same noise: changing the solver,
+the schedule or the NFE costs four batched network calls, not a new solve. The segment into sigma = 0 is
 integrated down to ``floor_ratio`` times the last positive sigma and finished by one denoising step,
-whose error is O(sigma_floor^2) (relative 1e-7 or less for the shipped mixtures). For an exact
-denoiser this is the exact solution to integration tolerance; for a trained one it is a high-NFE
-reference from the same noise.
+whose error is O(sigma_floor^2) (relative 1e-7 or less for the shipped mixtures). For an exact denoiser
+this is the exact solution to integration tolerance; for a trained one it is a high-NFE reference from
+the same noise.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .denoisers.base import DenoiseFn
 
-__all__ = ["flow_map", "reference_trajectory"]
+__all__ = ["FlowSolution", "flow_map", "reference_trajectory", "solve_flow", "solve_for_grid"]
+
+#: the most numbers in one batched call stepping off the lattice (samples x levels x sample size)
+OFF_LATTICE_ELEMENTS = 2**18
+#: grids whose states a solution keeps (each a list of states of its reference samples)
+KEPT_GRIDS = 8
+
+
+def _rk4_step(denoise: DenoiseFn, x: torch.Tensor, s: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+    """One classical RK4 step of dx/ds = x - D(x, e^s); ``s`` and ``ds`` (float64) are 0-d or one per sample."""
+    step = ds.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)) if ds.ndim else ds.to(x.dtype)
+
+    def velocity(state: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+        return state - denoise(state, log_sigma.exp().to(state.dtype))
+
+    k1 = velocity(x, s)
+    k2 = velocity(x + 0.5 * step * k1, s + 0.5 * ds)
+    k3 = velocity(x + 0.5 * step * k2, s + 0.5 * ds)
+    k4 = velocity(x + step * k3, s + ds)
+    return x + (step / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def _log_lattice(sigma_from: float, sigma_to: float, max_log_step: float) -> list[float]:
+    """log sigma from ``sigma_from`` to ``sigma_to`` in uniform steps of at most ``max_log_step``, ends exact."""
+    start, end = math.log(sigma_from), math.log(sigma_to)
+    n = max(1, math.ceil(abs(end - start) / max_log_step))
+    return [start] + [start + i * (end - start) / n for i in range(1, n)] + [end]
+
+
+def _walk(denoise: DenoiseFn, x: torch.Tensor, log_sigmas: list[float]) -> list[torch.Tensor]:
+    """RK4 from ``x`` at the first of ``log_sigmas`` through the others: the state at each of them."""
+    nodes = torch.tensor(log_sigmas, dtype=torch.float64, device=x.device)
+    states = [x]
+    for s, s_next in itertools.pairwise(nodes):
+        states.append(_rk4_step(denoise, states[-1], s, s_next - s))
+    return states
 
 
 def _rk4_log_sigma(denoise: DenoiseFn, x: torch.Tensor, sigma_from: float, sigma_to: float, max_log_step: float):
-    span = math.log(sigma_to) - math.log(sigma_from)
-    n = max(1, math.ceil(abs(span) / max_log_step))
-    ds = span / n
-    s = math.log(sigma_from)
-
-    def velocity(state: torch.Tensor, log_sigma: float) -> torch.Tensor:
-        return state - denoise(state, torch.tensor(math.exp(log_sigma), dtype=state.dtype, device=state.device))
-
-    for i in range(n):
-        s_i = s + i * ds
-        k1 = velocity(x, s_i)
-        k2 = velocity(x + 0.5 * ds * k1, s_i + 0.5 * ds)
-        k3 = velocity(x + 0.5 * ds * k2, s_i + 0.5 * ds)
-        k4 = velocity(x + ds * k3, s_i + ds)
-        x = x + (ds / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
+    """RK4 from ``sigma_from`` to ``sigma_to`` on :func:`_log_lattice`."""
+    return _walk(denoise, x, _log_lattice(sigma_from, sigma_to, max_log_step))[-1]
 
 
 def flow_map(
@@ -56,7 +82,93 @@ def flow_map(
     return denoise(x, torch.tensor(floor, dtype=x.dtype, device=x.device))
 
 
+@dataclass
+class FlowSolution:
+    """The RK4 solution from ``states[0]`` at ``sigmas[0]``: its states at the lattice noise levels
+    ``sigmas`` (decreasing, uniform in log sigma), and the states at the grids asked of it so far."""
+
+    sigmas: list[float]
+    states: list[torch.Tensor]
+    _grids: dict[tuple[float, ...], list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def sigma_floor(self) -> float:
+        """The lowest positive noise level: sigma = 0 is one denoising step from here."""
+        return self.sigmas[-1]
+
+    @torch.no_grad()
+    def states_at(self, denoise: DenoiseFn, sigmas: Sequence[float]) -> list[torch.Tensor]:
+        """The solution at each of ``sigmas``: a lattice state, one RK4 step from the node above it, or at
+        sigma = 0 the denoised floor state. The off-lattice steps run as a few batched calls, so ``denoise``
+        must take one sigma per sample. Levels above the start or between 0 and the floor are refused."""
+        grid = tuple(float(s) for s in sigmas)
+        if grid in self._grids:
+            return self._grids[grid]
+        top, floor = self.sigmas[0], self.sigma_floor
+        outside = [s for s in grid if s > top * (1 + 1e-12) or 0 < s < floor * (1 - 1e-12)]
+        if outside:
+            raise ValueError(f"this solution covers sigma = 0 and [{floor:.4g}, {top:.4g}], not {outside}")
+        states: dict[int, torch.Tensor] = {}
+        off_lattice = []  # (grid index, node above, log-sigma offset from it)
+        negated = [-s for s in self.sigmas]  # increasing, for bisect
+        for i, s in enumerate(grid):
+            if s == 0:
+                x = self.states[-1]
+                states[i] = denoise(x, torch.tensor(floor, dtype=x.dtype, device=x.device))
+                continue
+            node = min(max(bisect.bisect_right(negated, -s) - 1, 0), len(self.sigmas) - 1)
+            offset = math.log(s) - math.log(self.sigmas[node])
+            if abs(offset) < 1e-12:
+                states[i] = self.states[node]
+            else:
+                off_lattice.append((i, node, offset))
+        states.update(self._step_off_lattice(denoise, off_lattice))
+        result = [states[i] for i in range(len(grid))]
+        self._grids[grid] = result
+        while len(self._grids) > KEPT_GRIDS:
+            self._grids.pop(next(iter(self._grids)))
+        return result
+
+    def _step_off_lattice(self, denoise: DenoiseFn, steps: list[tuple[int, int, float]]) -> dict[int, torch.Tensor]:
+        """One RK4 step from a lattice node for each of ``steps``, batched over steps and samples."""
+        out: dict[int, torch.Tensor] = {}
+        n = len(self.states[0])
+        per_call = max(1, OFF_LATTICE_ELEMENTS // self.states[0].numel())
+        for first in range(0, len(steps), per_call):
+            chunk = steps[first : first + per_call]
+            x = torch.cat([self.states[node] for _, node, _ in chunk])
+            s = torch.tensor([math.log(self.sigmas[node]) for _, node, _ in chunk], dtype=torch.float64)
+            ds = torch.tensor([offset for *_, offset in chunk], dtype=torch.float64)
+            stepped = _rk4_step(denoise, x, s.repeat_interleave(n).to(x.device), ds.repeat_interleave(n).to(x.device))
+            out.update(zip([i for i, *_ in chunk], stepped.split(n), strict=True))
+        return out
+
+
 @torch.no_grad()
+def solve_flow(
+    denoise: DenoiseFn, x: torch.Tensor, sigma_from: float, sigma_to: float, max_log_step: float
+) -> FlowSolution:
+    """RK4 from ``x`` at ``sigma_from`` down to ``sigma_to`` (0 < sigma_to <= sigma_from) in uniform steps
+    of at most ``max_log_step`` in log sigma, keeping the state at every node."""
+    if not 0 < sigma_to <= sigma_from:
+        raise ValueError(f"need 0 < sigma_to <= sigma_from, got {sigma_to} and {sigma_from}")
+    if sigma_to == sigma_from:
+        return FlowSolution([sigma_from], [x])
+    nodes = _log_lattice(sigma_from, sigma_to, max_log_step)
+    states = _walk(denoise, x, nodes)
+    return FlowSolution([sigma_from, *(math.exp(s) for s in nodes[1:-1]), sigma_to], states)
+
+
+def solve_for_grid(
+    denoise: DenoiseFn, x: torch.Tensor, sigmas: Sequence[float], max_log_step: float, floor_ratio: float
+) -> FlowSolution:
+    """The solution from ``x`` at ``sigmas[0]`` that covers the grid ``sigmas``: down to its last positive
+    level, or, when the grid ends at 0, to ``floor_ratio`` times that level."""
+    positive = [float(s) for s in sigmas if s > 0]
+    floor = positive[-1] * (floor_ratio if float(sigmas[-1]) == 0 else 1.0)
+    return solve_flow(denoise, x, positive[0], floor, max_log_step)
+
+
 def reference_trajectory(
     denoise: DenoiseFn,
     x: torch.Tensor,
@@ -65,7 +177,4 @@ def reference_trajectory(
     floor_ratio: float = 0.01,
 ) -> list[torch.Tensor]:
     """States of the ODE solution from ``x`` at every grid sigma (``len(sigmas)`` tensors, the first is ``x``)."""
-    states = [x]
-    for sigma_from, sigma_to in itertools.pairwise(sigmas):
-        states.append(flow_map(denoise, states[-1], float(sigma_from), float(sigma_to), max_log_step, floor_ratio))
-    return states
+    return solve_for_grid(denoise, x, sigmas, max_log_step, floor_ratio).states_at(denoise, sigmas)

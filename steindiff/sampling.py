@@ -16,7 +16,7 @@ from .denoisers.base import CountingDenoiser, DenoiseFn, Denoiser
 from .diagnostics import JacobianMode, krylov_start, lipschitz_bound, local_lipschitz, mean_distance
 from .finite_difference import fd_step
 from .lockstep import DenoiserMap, lockstep
-from .reference import flow_map, reference_trajectory
+from .reference import FlowSolution, flow_map, solve_for_grid
 from .solvers import SolverOptions, SolverSpec, StepResult, get_solver, with_lookahead
 from .stein import (
     DivergenceEstimate,
@@ -144,12 +144,14 @@ class RunResult:
 
 @dataclass
 class Comparison:
-    """Vanilla and corrected runs of one solver from the same noise, and the shared reference."""
+    """Vanilla and corrected runs of one solver from the same noise, and the shared reference: its states
+    on the grid, from the ODE solution ``flow`` (which serves any grid over the same noise)."""
 
     sigmas: list[float]
     vanilla: RunResult
     stein: RunResult | None
     reference: list[torch.Tensor] | None
+    flow: FlowSolution | None = None
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -524,23 +526,26 @@ def compare(
     seed: int = 0,
     observe_vanilla: bool = True,
     callback: Callable[[str, StepRecord], None] | None = None,
-    reference: list[torch.Tensor] | None = None,
+    flow: FlowSolution | None = None,
 ) -> Comparison:
     """Run the plain solver and (if ``stein`` is given) the corrected one from the same ``x``.
 
-    ``reference`` may pass the reference states of an earlier comparison with the same noise and grid.
-    With ``observe_vanilla`` the vanilla run also records the Stein statistics along its own
-    trajectory (what the rule would have proposed there), at the cost of the probes.
+    ``flow`` may pass the reference solution of an earlier comparison from the same noise, with the same
+    reference settings and the same first and last positive noise levels, whatever the grid between.
+    With ``observe_vanilla`` the vanilla run also records the Stein statistics along its own trajectory
+    (what the rule would have proposed there), at the cost of the probes.
     """
     diagnostics = diagnostics or DiagnosticsConfig()
     grid = _grid(sigmas)
-    if diagnostics.reference and reference is None:
-        log_step = diagnostics.reference_log_step or (0.025 if denoiser.exact else 0.1)
-        reference = reference_trajectory(
-            denoiser, x[: diagnostics.reference_samples], grid, log_step, diagnostics.reference_floor_ratio
-        )
-    elif not diagnostics.reference:
-        reference = None
+    reference = None
+    if diagnostics.reference:
+        if flow is None:
+            log_step = diagnostics.reference_log_step or (0.025 if denoiser.exact else 0.1)
+            first = x[: diagnostics.reference_samples]
+            flow = solve_for_grid(denoiser, first, grid, log_step, diagnostics.reference_floor_ratio)
+        reference = flow.states_at(denoiser, grid)
+    else:
+        flow = None
     observe = stein is not None and observe_vanilla
     observer = SteinConfig(**{**asdict(stein), "apply": False, "lookahead": False}) if observe else None
     shared = _SharedFirstCall(denoiser)
@@ -565,4 +570,4 @@ def compare(
     if diagnostics.lipschitz:
         _measure_lipschitz(denoiser, runs, grid, options, diagnostics, seed)
     vanilla, corrected = runs[0][0], (runs[1][0] if len(runs) > 1 else None)
-    return Comparison(grid, vanilla, corrected, reference)
+    return Comparison(grid, vanilla, corrected, reference, flow)

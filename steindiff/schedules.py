@@ -37,7 +37,12 @@ def _check(steps: int, sigma_min: float, sigma_max: float) -> None:
         raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got {sigma_min}, {sigma_max}")
 
 
-def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+def _finish(sigmas: torch.Tensor, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """The levels with their ends exactly ``sigma_max`` and ``sigma_min`` (no round-off), then sigma = 0."""
+    sigmas = sigmas.clone()
+    sigmas[0] = sigma_max
+    if len(sigmas) > 1:
+        sigmas[-1] = sigma_min
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
@@ -46,19 +51,16 @@ def karras_sigmas(
 ) -> torch.Tensor:
     """EDM grid (Karras et al. 2022, Eq. 5): sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho."""
     _check(steps, sigma_min, sigma_max)
-    if steps == 1:
-        return _append_zero(torch.tensor([sigma_max], dtype=torch.float64))
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     inv_min, inv_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return _append_zero((inv_max + ramp * (inv_min - inv_max)) ** rho)
+    return _finish((inv_max + ramp * (inv_min - inv_max)) ** rho, sigma_min, sigma_max)
 
 
 def logsnr_sigmas(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
     """Uniform in half log-SNR lambda = -log sigma (DPM-Solver's 'logSNR' spacing)."""
     _check(steps, sigma_min, sigma_max)
-    if steps == 1:
-        return _append_zero(torch.tensor([sigma_max], dtype=torch.float64))
-    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp())
+    log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64)
+    return _finish(log_sigmas.exp(), sigma_min, sigma_max)
 
 
 def vp_sigma(t: torch.Tensor, beta_min: float = VP_BETA_MIN, beta_d: float = VP_BETA_D) -> torch.Tensor:
@@ -74,13 +76,9 @@ def vp_time(sigma: torch.Tensor, beta_min: float = VP_BETA_MIN, beta_d: float = 
 def time_uniform_sigmas(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
     """Uniform in VP time t between t(sigma_max) and t(sigma_min) (DDIM/DDPM-style 'time-uniform' spacing)."""
     _check(steps, sigma_min, sigma_max)
-    if steps == 1:
-        return _append_zero(torch.tensor([sigma_max], dtype=torch.float64))
     bounds = vp_time(torch.tensor([sigma_max, sigma_min], dtype=torch.float64))
     times = torch.linspace(float(bounds[0]), float(bounds[1]), steps, dtype=torch.float64)
-    sigmas = vp_sigma(times)
-    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # remove round-off at the ends
-    return _append_zero(sigmas)
+    return _finish(vp_sigma(times), sigma_min, sigma_max)
 
 
 SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {

@@ -135,11 +135,33 @@ def test_image_model_run_returns_grids_and_a_slider(server):
     assert out[10]["stein"]["nfe_total"] == 3
 
 
-def test_changing_only_stein_settings_reuses_the_reference():
+def test_runs_from_the_same_noise_reuse_the_reference_solution():
     catalog = ModelCatalog()
-    first = run_experiment(app.build_experiment(catalog, *{**GOOD, "lipschitz": False}.values()), catalog, app.LIMITS)
-    capped = {**GOOD, "lipschitz": False, "literal": False, "gamma_max": 1.0}
+    settings = {**GOOD, "lipschitz": False}
+    first = run_experiment(app.build_experiment(catalog, *settings.values()), catalog, app.LIMITS)
+    capped = {**settings, "literal": False, "gamma_max": 1.0}
     second = run_experiment(app.build_experiment(catalog, *capped.values()), catalog, app.LIMITS)
-    assert second.comparison.reference is first.comparison.reference
+    assert second.comparison.reference is first.comparison.reference  # same grid: the same states
+    model = catalog.get("gmm-ring")
+    for change in ({"nfe": 9}, {"solver": "heun"}, {"schedule": "logsnr"}):
+        calls = {}
+        for reference in (False, True):
+            counted = []
+            hook = model.register_forward_hook(lambda *_, counted=counted: counted.append(1))
+            try:
+                other = run_experiment(
+                    app.build_experiment(catalog, *{**capped, **change, "reference": reference}.values()),
+                    catalog,
+                    app.LIMITS,
+                )
+            finally:
+                hook.remove()
+            calls[reference] = len(counted)
+        assert other.comparison.flow is first.comparison.flow, change
+        # the reference on a new grid: 4 calls stepping off the solution's lattice and the final denoising
+        # step, not a new solve (hundreds of calls)
+        assert calls[True] - calls[False] == 5, (change, calls)
+        runs = [other.comparison.vanilla, other.comparison.stein]
+        assert all(run.final_err_ref is not None and math.isfinite(run.final_err_ref) for run in runs)
     other_seed = run_experiment(app.build_experiment(catalog, *{**capped, "seed": 1}.values()), catalog, app.LIMITS)
-    assert other_seed.comparison.reference is not first.comparison.reference
+    assert other_seed.comparison.flow is not first.comparison.flow

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -12,9 +10,10 @@ def test_grids_descend_from_sigma_max_to_an_explicit_zero(name, steps):
     sigmas = make_sigmas(name, steps, 0.002, 80.0)
     assert sigmas.shape == (steps + 1,)
     assert sigmas[-1] == 0
-    assert math.isclose(float(sigmas[0]), 80.0, rel_tol=1e-12)
+    # exactly: grids of one model from the same noise share their ends (the app's reference solution)
+    assert float(sigmas[0]) == 80.0
     if steps > 1:
-        assert math.isclose(float(sigmas[-2]), 0.002, rel_tol=1e-9)
+        assert float(sigmas[-2]) == 0.002
     assert (sigmas[1:] < sigmas[:-1]).all()
 
 

@@ -1,0 +1,78 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from steindiff import initial_noise, load_model
+from steindiff.denoisers import CountingDenoiser
+from steindiff.reference import KEPT_GRIDS, OFF_LATTICE_ELEMENTS, flow_map, solve_flow, solve_for_grid
+from steindiff.schedules import make_sigmas
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def ring():
+    model = load_model("gmm-ring")
+    x = initial_noise(8, model.event_shape, model.sigma_max, seed=3, dtype=F64)
+    return model, x, solve_flow(model, x, model.sigma_max, model.sigma_min * 0.01, 0.025)
+
+
+def _stepwise(model, x, grid):
+    """The reference the old way: the flow between consecutive grid levels, one interval after another."""
+    states = [x]
+    for a, b in itertools.pairwise(grid):
+        states.append(flow_map(model, states[-1], a, b, max_log_step=0.025, floor_ratio=0.01))
+    return states
+
+
+@pytest.mark.parametrize(("schedule", "steps"), [("karras", 3), ("logsnr", 7), ("karras", 20)])
+def test_states_on_any_grid_match_integrating_along_that_grid(ring, schedule, steps):
+    model, x, flow = ring
+    grid = make_sigmas(schedule, steps, model.sigma_min, model.sigma_max).tolist()
+    for ours, theirs in zip(flow.states_at(model, grid), _stepwise(model, x, grid), strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-7)
+
+
+def test_one_solution_serves_every_grid_in_four_batched_calls(ring):
+    model, x, flow = ring
+    counting = CountingDenoiser(model)
+    grid = make_sigmas("karras", 5, model.sigma_min, model.sigma_max).tolist()
+    flow.states_at(counting, grid)
+    assert counting.nfe == 4 + 1  # RK4 off the lattice to the 4 interior levels at once, the final denoising
+    assert flow.states_at(counting, grid) is flow.states_at(counting, grid) and counting.nfe == 5  # kept
+    many = x.repeat(OFF_LATTICE_ELEMENTS // 4 // len(x), 1)  # half the budget a level: 2 levels a call
+    big = solve_flow(model, many, model.sigma_max, model.sigma_min * 0.01, 1.0)
+    counting.nfe = 0
+    big.states_at(counting, grid)
+    assert counting.nfe == 4 * 2 + 1
+
+
+def test_a_grid_shares_its_levels_with_every_other(ring):
+    model, _, flow = ring
+    coarse = make_sigmas("logsnr", 4, model.sigma_min, model.sigma_max).tolist()
+    fine = make_sigmas("logsnr", 7, model.sigma_min, model.sigma_max).tolist()  # holds coarse's levels, and more
+    on_fine = dict(zip(fine, flow.states_at(model, fine), strict=True))
+    for sigma, state in zip(coarse, flow.states_at(model, coarse), strict=True):
+        same = [s for s in fine if math.isclose(s, sigma, rel_tol=1e-12, abs_tol=0)]
+        assert len(same) == 1 and torch.allclose(state, on_fine[same[0]], atol=1e-12)
+
+
+def test_levels_outside_the_solution_are_refused(ring):
+    model, _, flow = ring
+    with pytest.raises(ValueError, match="covers"):
+        flow.states_at(model, [model.sigma_max * 2, 1.0, 0.0])
+    with pytest.raises(ValueError, match="covers"):
+        flow.states_at(model, [1.0, model.sigma_min * 0.001, 0.0])
+
+
+def test_the_solution_keeps_only_the_latest_grids(ring):
+    model, x, _ = ring
+    flow = solve_for_grid(model, x, [model.sigma_max, model.sigma_min, 0.0], 0.25, 0.01)
+    grids = [make_sigmas("karras", n, model.sigma_min, model.sigma_max).tolist() for n in range(2, 4 + KEPT_GRIDS)]
+    first = flow.states_at(model, grids[0])
+    for grid in grids[1:]:
+        flow.states_at(model, grid)
+    assert flow.states_at(model, grids[0]) is not first
+    assert flow.states_at(model, grids[-1]) is flow.states_at(model, grids[-1])
