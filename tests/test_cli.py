@@ -6,7 +6,9 @@ import sys
 import pytest
 import torch
 
+from steindiff import initial_noise, load_model
 from steindiff.cli import main
+from steindiff.experiment import ModelCatalog
 
 EXAMPLE = [
     "sample",
@@ -160,3 +162,14 @@ def test_grid_needs_an_image_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--model", "gmm-ring", "--batch", "8", "--no-lipschitz", "--grid", str(tmp_path / "g.png")])
     assert "--grid needs an image model" in capsys.readouterr().err
+
+
+def test_image_networks_run_channels_last_on_the_cpu_and_refuse_forward_mode(capsys):
+    fast, plain = ModelCatalog().get("mnist", "cpu"), load_model("mnist")
+    assert fast.network.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = initial_noise(4, plain.event_shape, 2.0, seed=0)
+    with torch.no_grad():
+        assert torch.allclose(fast(x, torch.tensor(2.0)), plain(x, torch.tensor(2.0)), atol=1e-5)
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", "mnist", "--device", "cpu", "--batch", "2", "--jacobian-mode", "jvp"])
+    assert "use 'vjp2' or 'fd'" in capsys.readouterr().err
