@@ -51,6 +51,33 @@ def _cumulative(values: list[float | None]) -> list[float | None]:
     return out
 
 
+def _axis_values(fig: go.Figure, panel: int) -> list[float]:
+    """The finite positive y values of the traces drawn in subplot ``panel`` (1-based, row-major)."""
+    axis = f"y{panel if panel > 1 else ''}"
+    return [
+        float(y)
+        for trace in fig.data
+        if (trace.yaxis or "y") == axis
+        for y in (trace.y if trace.y is not None else ())
+        if y is not None and math.isfinite(y) and y > 0
+    ]
+
+
+def _log_ticks(values: list[float]) -> tuple[list[float], list[str]] | None:
+    """Log-axis ticks labelled in full (0.5, where plotly writes a bare digit "5" beside the 1) for data over
+    one to three decades: at 1, 2 and 5 times each power of ten up to two decades, at 1 and 3 beyond. None
+    otherwise: within a decade plotly labels plain numbers, over more it labels powers of ten."""
+    if not values:
+        return None
+    span = math.log10(max(values) / min(values))
+    if not 1 < span <= 3:
+        return None
+    mantissas = (1, 2, 5) if span <= 2 else (1, 3)
+    decades = range(math.floor(math.log10(min(values))), math.ceil(math.log10(max(values))) + 1)
+    ticks = [m * 10.0**e for e in decades for m in mantissas]
+    return ticks, [f"{v:g}" for v in ticks]
+
+
 def diagnostics_figure(result: ExperimentResult, step: int | None = None) -> go.Figure:
     """Six panels on a shared step axis, vanilla (blue) and Stein (red); L = 1 marked, above it shaded."""
     runs = result.runs()
@@ -161,7 +188,12 @@ def diagnostics_figure(result: ExperimentResult, step: int | None = None) -> go.
                 }
             )
     for panel in (1, 2, 4, 5, 6):
-        fig.layout[f"yaxis{panel if panel > 1 else ''}"].type = "log"
+        axis = fig.layout[f"yaxis{panel if panel > 1 else ''}"]
+        axis.type = "log"
+        shown = [*_axis_values(fig, panel), *((1.0, 3 * peak) if panel in (4, 6) else ())]
+        ticks = _log_ticks(shown)
+        if ticks:
+            axis.tickvals, axis.ticktext = ticks
     for panel in (4, 6):
         shapes.append(_hline(1, panel, {"color": "black", "width": 1}))
         shapes.append(

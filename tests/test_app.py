@@ -10,7 +10,7 @@ from gradio_client import Client
 
 import app
 from steindiff.experiment import ModelCatalog, run_experiment
-from steindiff.plots import diagnostics_figure, particles_figure
+from steindiff.plots import _log_ticks, diagnostics_figure, particles_figure
 
 GOOD = {**dict(app.SETTINGS), "model": "gmm-ring", "batch": 64, "gamma_max": 1.0, "literal": True, "rule": "custom"}
 
@@ -53,7 +53,12 @@ def test_render_and_download_from_a_real_run(tmp_path):
     result = run_experiment(app.build_experiment(catalog, *{**GOOD, "batch": 32}.values()), catalog, app.LIMITS)
     views = app.render(app.Shown(result, 2))
     assert views[-1].startswith("step 2 of 5")
-    assert len(diagnostics_figure(result, 2).data) > 10 and len(particles_figure(result, 2).data) >= 6
+    figure = diagnostics_figure(result, 2)
+    assert len(figure.data) > 10 and len(particles_figure(result, 2).data) >= 6
+    # the L panel spans 1 to 30 at least (its shaded band): ticks labelled in full, 1 among them
+    lipschitz_axis = figure.layout.yaxis4
+    assert "1" in lipschitz_axis.ticktext
+    assert list(lipschitz_axis.ticktext) == [f"{v:g}" for v in lipschitz_axis.tickvals]
     import zipfile
 
     with zipfile.ZipFile(app.write_download(result, tmp_path)) as archive:
@@ -61,6 +66,20 @@ def test_render_and_download_from_a_real_run(tmp_path):
         assert archive.read("steps.csv").decode().count("\n") == 11  # header + 5 steps x 2 runs
     newest = [app.write_download(result, tmp_path, keep=2) for _ in range(3)][-2:]
     assert sorted(str(next(p.glob("*.zip"))) for p in tmp_path.glob("run-*")) == sorted(newest)  # older ones go
+
+
+@pytest.mark.parametrize(
+    ("values", "texts"),
+    [
+        ([0.5, 3.0], None),  # within a decade: plotly's own plain numbers
+        ([0.4, 1.0, 20.0], ["0.1", "0.2", "0.5", "1", "2", "5", "10", "20", "50", "100", "200", "500"]),
+        ([0.15, 30.0], ["0.1", "0.3", "1", "3", "10", "30", "100", "300"]),
+        ([5e-4, 1.0], None),  # wider: plotly's powers of ten
+    ],
+)
+def test_log_axes_over_a_few_decades_label_their_ticks_in_full(values, texts):
+    ticks = _log_ticks(values)
+    assert (ticks[1] if ticks else None) == texts
 
 
 def test_good_run_over_the_api(server):

@@ -76,11 +76,11 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     page.get_by_role("button", name="Run", exact=True).click()
     try:
         page.wait_for_selector("td:text-is('stein')", timeout=120_000)
-    finally:
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 1", timeout=60_000)
+        _wait_for_images(page, 6)  # x_k and the predicted x0 of both runs, the slider's pair
+    finally:  # the page as the run left it, or as far as it got
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app-after-run.png"), full_page=True)
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 1", timeout=60_000)
-    _wait_for_images(page, 6)  # x_k and the predicted x0 of both runs, the slider's pair
     assert "solver=heun" in page.url and "model=mnist" in page.url and "seed=3" in page.url and "batch=16" in page.url
     label = page.locator("text=/step \\d+ of 3/").first
     assert "step 3 of 3" in label.inner_text()
