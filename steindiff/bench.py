@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .denoisers import Denoiser
+from .denoisers import Denoiser, set_layout
 from .distributed import Shard, gather
 from .quality import QualityMetric
 from .reference import flow_map
@@ -151,6 +151,7 @@ def run_bench(
     ``on_block`` is called after each block this rank finishes (for a progress bar).
     """
     device = shard.device
+    set_layout(model, device, functorch=config.products == "vjp-batched")
     sigma_min, sigma_max = model.sigma_min, model.sigma_max
     log_step = config.reference_log_step or (0.025 if model.exact else 0.1)
     mine = range(shard.rank, config.blocks, shard.world)

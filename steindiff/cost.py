@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .denoisers import Denoiser, load_model
+from .denoisers import Denoiser, load_model, set_layout
 from .sampling import DiagnosticsConfig, initial_noise, sample
 from .schedules import make_sigmas
 from .solvers import get_solver
@@ -88,7 +88,8 @@ class _Setup:
 
 
 def _run(setup: _Setup, model: Denoiser, sigmas: torch.Tensor, noise: torch.Tensor, case: CostCase) -> float:
-    """Seconds for one sampling run (synchronised on CUDA)."""
+    """Seconds for one sampling run (synchronised on CUDA), in the layout such a run gets (``set_layout``)."""
+    set_layout(model, setup.device, case.stein is not None and case.stein.products == "vjp-batched")
     start = time.perf_counter()
     sample(model, noise, sigmas, setup.solver, stein=case.stein, diagnostics=NO_DIAGNOSTICS, keep_states=False)
     if setup.device.startswith("cuda"):

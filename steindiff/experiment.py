@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .denoisers import MODELS, Denoiser, load_denoiser, load_model
+from .denoisers import MODELS, Denoiser, load_denoiser, load_model, set_layout
 from .denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
 from .metrics import DIGIT_SHAPE, load_classifier, score_digits
 from .reference import FlowSolution
@@ -65,11 +65,9 @@ class Experiment:
         """Raise ValueError naming the first bad setting."""
         if not models.accepts(self.model):
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(models.names())}")
-        channels_last = self.device == "cpu" and models.kind(self.model) == "image"  # see ModelCatalog.get
-        if self.diagnostics.jacobian_mode == "jvp" and (channels_last or self.model.startswith(DIFFUSERS_PREFIX)):
+        if self.model.startswith(DIFFUSERS_PREFIX) and self.diagnostics.jacobian_mode == "jvp":
             raise ValueError(
-                "jacobian_mode 'jvp' (forward-mode AD) fails through GroupNorm in diffusers models and on the "
-                "channels-last activations image models use on the CPU; use 'vjp2' or 'fd'"
+                "jacobian_mode 'jvp' (forward-mode AD) fails through diffusers' GroupNorm on the CPU; use 'vjp2'"
             )
         get_solver(self.solver)
         if self.schedule not in SCHEDULES:
@@ -189,13 +187,7 @@ class ModelCatalog:
                 model = load_diffusers(name.removeprefix(DIFFUSERS_PREFIX), device, self.half)
             else:
                 model = load_model(name) if name in MODELS else load_denoiser(self.extra[name])
-            model = model.to(device)
-            if device == "cpu" and len(model.event_shape) == 3:
-                # oneDNN's convolutions and group norms are faster on channels-last activations: the mnist UNet's
-                # forward took 95 instead of 117 ms at batch 48 in the app (2 cores), and a forward and backward
-                # at batch 52 250 instead of 300 ms. Forward-mode AD fails on them (see check).
-                model = model.to(memory_format=torch.channels_last)
-            self._loaded[key] = model
+            self._loaded[key] = model.to(device)
         return self._loaded[key]
 
 
@@ -255,7 +247,10 @@ def run_experiment(
 ) -> ExperimentResult:
     """Validate, build the grid and the noise, run vanilla and corrected, and score digit samples."""
     experiment.check(models, limits)
-    model = models.get(experiment.model, experiment.device)
+    functorch = experiment.diagnostics.jacobian_mode == "jvp" or (
+        experiment.stein is not None and experiment.stein.products == "vjp-batched"
+    )
+    model = set_layout(models.get(experiment.model, experiment.device), experiment.device, functorch)
     steps = SOLVERS[experiment.solver].steps_for_nfe(experiment.nfe)
     sigma_min, sigma_max = experiment.sigma_min or model.sigma_min, experiment.sigma_max or model.sigma_max
     sigmas = make_sigmas(experiment.schedule, steps, sigma_min, sigma_max)  # refuses sigma_min > sigma_max

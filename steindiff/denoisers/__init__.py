@@ -1,6 +1,6 @@
 """Denoisers in EDM coordinates: the protocol, exact models and the model registry."""
 
-from .base import CountingDenoiser, Denoiser, ExactDenoiser
+from .base import CountingDenoiser, Denoiser, ExactDenoiser, set_layout
 from .empirical import EmpiricalDenoiser, load_digits8, load_mnist
 from .gmm import GMM_PRESETS, GaussianMixture, gmm_preset
 from .networks import PreconditionedDenoiser
@@ -26,4 +26,5 @@ __all__ = [
     "load_mnist",
     "load_model",
     "save_denoiser",
+    "set_layout",
 ]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["CountingDenoiser", "DenoiseFn", "Denoiser", "ExactDenoiser"]
+__all__ = ["CountingDenoiser", "DenoiseFn", "Denoiser", "ExactDenoiser", "set_layout"]
 
 #: what solvers and flows call: (x, sigma) -> D(x, sigma), a denoiser or a wrapper of one
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,3 +75,16 @@ class CountingDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         return self.denoiser(x, sigma)
+
+
+def set_layout(model: Denoiser, device: str | torch.device, functorch: bool = False) -> Denoiser:
+    """Lays out ``model``'s 4-D weights, in place, for a run on ``device``, and returns it: channels-last for
+    image models on the CPU, unless the run uses ``functorch`` transforms (forward-mode AD, or gradients
+    batched by vmap: PyTorch's GroupNorm and vmap fail on channels-last activations); contiguous otherwise.
+
+    oneDNN's convolutions and group norms are faster channels-last: the mnist UNet's forward took 95 instead
+    of 117 ms at batch 48 in the app (2 cores), and a forward and backward at batch 52 250 instead of 300 ms.
+    A conversion takes about a millisecond for the shipped UNets.
+    """
+    fast = torch.device(device).type == "cpu" and len(model.event_shape) == 3 and not functorch
+    return model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
