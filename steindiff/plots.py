@@ -84,7 +84,7 @@ def diagnostics_figure(result: ExperimentResult, step: int | None = None) -> go.
     fig = make_subplots(
         rows=3, cols=2, shared_xaxes=True, subplot_titles=PANELS, vertical_spacing=0.09, horizontal_spacing=0.08
     )
-    peak = 10.0  # top of the shaded L > 1 band
+    peak = 10.0  # the largest L plotted (at least 10): the shaded L > 1 band reaches 3 times it
     shapes: list[dict] = []  # set once at the end: plotly validates each add_* call against the whole layout
     annotations: list[dict] = []
     steps = list(range(len(result.comparison.sigmas) - 1))
@@ -187,10 +187,11 @@ def diagnostics_figure(result: ExperimentResult, step: int | None = None) -> go.
                     "font": {"color": color},
                 }
             )
+    band_top = 3 * peak
     for panel in (1, 2, 4, 5, 6):
         axis = fig.layout[f"yaxis{panel if panel > 1 else ''}"]
         axis.type = "log"
-        shown = [*_axis_values(fig, panel), *((1.0, 3 * peak) if panel in (4, 6) else ())]
+        shown = [*_axis_values(fig, panel), *((1.0, band_top) if panel in (4, 6) else ())]  # the band and L = 1
         ticks = _log_ticks(shown)
         if ticks:
             axis.tickvals, axis.ticktext = ticks
@@ -204,7 +205,7 @@ def diagnostics_figure(result: ExperimentResult, step: int | None = None) -> go.
                 "x0": 0,
                 "x1": 1,
                 "y0": 1,
-                "y1": 3 * peak,
+                "y1": band_top,
                 "fillcolor": "orange",
                 "opacity": 0.12,
                 "line": {"width": 0},
