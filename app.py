@@ -29,7 +29,7 @@ from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL, WeightsError
 from steindiff.denoisers.hub import DIFFUSERS_PREFIX
 from steindiff.experiment import ExperimentResult, ModelCatalog, run_experiment
 from steindiff.images import save_png, side_by_side
-from steindiff.interactive import CUSTOM_RULE, DEFAULT_RULE, DEVICE, LIMITS, SETTINGS, build_experiment
+from steindiff.interactive import CUSTOM_RULE, DEFAULT_RULE, LIMITS, SETTINGS, build_experiment, model_device
 from steindiff.plots import diagnostics_figure, image_views, particles_figure, steps_csv, summary_markdown
 from steindiff.schedules import SCHEDULES
 from steindiff.solvers import SOLVERS, get_solver
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         extra[name] = Path(path)
     catalog = ModelCatalog(extra, hub, half=args.half)
     for name in [*extra, *hub]:
-        on_compute_thread(catalog.get, name, DEVICE)  # fail at start-up, not at the first request
+        on_compute_thread(catalog.get, name, model_device(catalog, name))  # fail at start-up, not at the first request
     launch(make_app(catalog), args.host, args.port)
 
 

@@ -1,10 +1,11 @@
 """Compute time of the app's /run without the server: sampling, diagnostics and scores, as the app runs them.
 
-    python benchmarks/app_compute.py [--device cuda] [--repeats 5]
+    python benchmarks/app_compute.py [--device cuda|cpu] [--repeats 5]
 
 For machines without gradio (the lent GPU machines): the cases and settings of app_roundtrip.py, through
 the same ``steindiff.interactive.build_experiment``, timed around ``run_experiment``. The round trip adds
 the figures, the images and the HTTP exchange; app_roundtrip.py measures all of it where gradio runs.
+Each model runs where the app runs it (``model_device``: a 2-D model on the CPU) unless --device is given.
 Torch's default threads (as the app has) unless OMP_NUM_THREADS is set.
 Not a test: the figures depend on the machine.
 """
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from steindiff.experiment import ModelCatalog, run_experiment
-from steindiff.interactive import LIMITS, SETTINGS, build_experiment
+from steindiff.interactive import LIMITS, SETTINGS, build_experiment, model_device
 
 BASE = {**dict(SETTINGS), "solver": "dpmpp_2m", "schedule": "karras", "nfe": 5, "seed": 0}
 CASES = {
@@ -60,19 +61,22 @@ def report(name: str, label: str, times: list[float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="run every case here (default: where the app runs each model)")
     args = parser.parse_args()
     catalog = ModelCatalog()
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"device: {device}; torch threads: {torch.get_num_threads()}; rule: {BASE['rule']}")
+    print(f"torch threads: {torch.get_num_threads()}; rule: {BASE['rule']}")
 
     def run(call: dict[str, Any]) -> None:
-        run_experiment(build_experiment(catalog, *call.values(), device=args.device), catalog, LIMITS)
-        if args.device == "cuda":
+        experiment = build_experiment(catalog, *call.values(), device=args.device)
+        run_experiment(experiment, catalog, LIMITS)
+        if experiment.device.startswith("cuda"):
             torch.cuda.synchronize()
 
     for name, case in CASES.items():
         settings = {**BASE, **case}
+        device = args.device or model_device(catalog, settings["model"])
+        where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
+        print(f"{name}: {where}")
         run(settings)  # warm-up
         for label, plan in call_plans(settings, args.repeats).items():
             times = []

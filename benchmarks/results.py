@@ -2,10 +2,11 @@
 
     python benchmarks/results.py                       # the full sweep of the benchmark issue, every model
     python benchmarks/results.py --models mnist --samples 256 --nfe 3,5,10 --probes 2 --processes 2
-    python benchmarks/results.py --models '' --merge mnist runs/mnist-heun-karras runs/mnist-ddim-karras ...
+    python benchmarks/results.py --models '' --skip-cost --merge mnist runs/mnist-heun-karras runs/mnist-ddim-karras ...
 
 --merge MODEL FOLDER... joins sweeps of one model run as separate bench calls (one per solver and schedule,
-say, on a machine lent for minutes: benchmarks/gpu_session.sh) into docs/results/MODEL/, as one sweep.
+say, on a machine lent for minutes: benchmarks/gpu_session.sh) into docs/results/MODEL/ (or the folder that
+--merge-into names there), as one sweep; a folder made by an earlier merge can be one of the FOLDERs.
 
 A model's sweep is `python -m steindiff bench` (under `torchrun` with --processes > 1) into
 docs/results/<model>/; the cost table is `python -m steindiff cost` into docs/results/cost.md. The page
@@ -16,6 +17,7 @@ so a sweep smaller than the issue's full one is labelled as reduced.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -54,9 +56,22 @@ def _launcher(processes: int) -> list[str]:
     return [*torchrun, "-m", "steindiff"]
 
 
-def _scope(config: dict) -> str:
-    """'full', or what falls short of the issue's full sweep."""
-    short = [f"{k} {config[k]}" for k, v in FULL.items() if not set(v) <= set(config[k])]
+def missing_variants(summary: list[dict], variants: list[str]) -> dict[tuple[str, str], list[str]]:
+    """For each (solver, schedule) of the full sweep whose cells lack some of ``variants``: those variants."""
+    held = {(row["solver"], row["schedule"], row["variant"]) for row in summary}
+    pieces = itertools.product(FULL["solvers"], FULL["schedules"])
+    lacking = {piece: [v for v in variants if (*piece, v) not in held] for piece in pieces}
+    return {piece: missing for piece, missing in lacking.items() if missing}
+
+
+def _scope(config: dict, summary: list[dict]) -> str:
+    """'full sweep', or what falls short of the issue's full sweep: NFEs, seeds, cells and samples."""
+    short = [f"{k} {config[k]}" for k in ("nfe", "seeds") if not set(FULL[k]) <= set(config[k])]
+    for (solver, schedule), missing in missing_variants(summary, FULL["variants"]).items():
+        if len(missing) == len(FULL["variants"]):
+            short.append(f"no {solver} on {schedule}")
+        else:
+            short.append(f"{solver} on {schedule} without {', '.join(missing)}")
     if config["samples"] < FULL_SAMPLES:
         short.append(f"fewer than {FULL_SAMPLES} samples a cell and seed")
     return "full sweep" if not short else "REDUCED sweep: " + "; ".join(short)
@@ -71,7 +86,7 @@ def model_section(folder: Path) -> str:
     title = config["model"] if folder.name == config["model"] else f"{config['model']} ({folder.name})"
     return (
         f"## {title}\n\n"
-        f"{_scope(config)}. {config['samples']} samples a cell and seed, seeds {config['seeds']}, batch "
+        f"{_scope(config, summary)}. {config['samples']} samples a cell and seed, seeds {config['seeds']}, batch "
         f"{config['batch']} (also the Stein batch), K = {config['probes']} probes, err_ref on the first "
         f"{min(config['reference_samples'], config['samples'])} samples of each seed. "
         f"{facts['machine']}, {facts['processes']} process(es), {facts['wall time']}.\n\n"
@@ -90,7 +105,7 @@ def _current(config: dict) -> dict:
     return config
 
 
-def merge(model: str, folders: list[Path], out: Path) -> None:
+def merge(model: str, folders: list[Path], destination: Path) -> None:
     """One sweep folder from several of the same model and settings: union of cells (pieces may hold
     different solvers, schedules and variants), summed wall time. A cell held twice is refused."""
     documents = [json.loads((folder / "results.json").read_text()) for folder in folders]
@@ -115,11 +130,14 @@ def merge(model: str, folders: list[Path], out: Path) -> None:
         key: tuple(dict.fromkeys(v for c in configs for v in c[key])) for key in ("solvers", "schedules", "variants")
     }
     config = BenchConfig(**{**configs[0], **union, "seeds": tuple(configs[0]["seeds"])})
+    cells.sort(key=lambda c: (config.solvers.index(c.solver), config.schedules.index(c.schedule), c.nfe))
     facts = dict(documents[0]["facts"])
     seconds = sum(float(d["facts"]["wall time"].split()[0]) for d in documents)
-    facts["wall time"] = f"{seconds:.0f} s in {len(documents)} bench runs"
-    facts["command"] = "; ".join(d["facts"]["command"] for d in documents)
-    write_outputs(config, cells, out / "results" / model, facts)
+    commands = [c for d in documents for c in d["facts"]["command"].split("; ")]  # a merged folder holds several
+    facts["machine"] = " and ".join(dict.fromkeys(d["facts"]["machine"] for d in documents))
+    facts["wall time"] = f"{seconds:.0f} s in {len(commands)} bench runs"
+    facts["command"] = "; ".join(commands)
+    write_outputs(config, cells, destination, facts)
 
 
 def main() -> None:
@@ -137,10 +155,26 @@ def main() -> None:
     parser.add_argument("--skip-cost", action="store_true", help="keep docs/results/cost.md as it is")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--merge", nargs="+", metavar=("MODEL", "FOLDER"), help="join these sweeps of MODEL first")
+    parser.add_argument("--merge-into", metavar="NAME", help="the merged sweep's folder under results/ (MODEL)")
+    parser.add_argument(
+        "--missing",
+        type=Path,
+        metavar="FOLDER",
+        help="only print, as SOLVER-SCHEDULE lines, the pieces of the full sweep whose cells in FOLDER lack one "
+        "of --variants",
+    )
     args = parser.parse_args()
+    if args.missing:
+        summary = json.loads((args.missing / "results.json").read_text())["summary"]
+        print(
+            "\n".join(
+                f"{solver}-{schedule}" for solver, schedule in missing_variants(summary, args.variants.split(","))
+            )
+        )
+        return
     results = args.out / "results"
     if args.merge:
-        merge(args.merge[0], [Path(f) for f in args.merge[1:]], args.out)
+        merge(args.merge[0], [Path(f) for f in args.merge[1:]], results / (args.merge_into or args.merge[0]))
     for model in filter(None, args.models.split(",")):
         _run(
             [
@@ -178,8 +212,8 @@ def main() -> None:
         "solution of the ODE from the same noise. Mean ± standard deviation over seeds. The counts compare each "
         "variant with vanilla of the same solver, schedule and NFE. A sweep marked REDUCED is what the "
         "machine that made it could afford; `python benchmarks/results.py` with its defaults runs the full one "
-        "(over 100 CPU-hours for `mnist` on this project's 2-core machine; about 30 minutes on an H100, of "
-        "which a lent machine gave us 10: see `mnist (mnist-h100)`).\n\n"
+        "(over 100 CPU-hours for `mnist` on this project's 2-core machine; about 30 minutes on an H100 or an H200, "
+        "of which lent machines gave us 10 and 15: see `mnist (mnist-gpu)`).\n\n"
         + "\n".join(model_section(folder) for folder in folders)
         + "\n## Cost of the correction (mnist, DPM-Solver++(2M), Karras, NFE 5, batch 64)\n\n"
         + cost

@@ -14,11 +14,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .bench import BenchConfig, CellResult, as_records, summarise
 
-__all__ = ["headline", "markdown_table", "plot_metric", "verdicts", "write_outputs"]
+__all__ = ["headline", "markdown_table", "metric_figure", "verdicts", "write_outputs"]
 
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -114,13 +116,16 @@ def verdicts(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[
     return lines
 
 
-def plot_metric(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Headline metric against NFE, one panel per solver, one colour per variant, one line style per schedule."""
+def metric_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
+    """Headline metric against NFE, one panel per solver, one colour per variant, one line style per schedule;
+    one legend for the figure, with every variant and schedule (panels may hold different ones)."""
     metric = headline(rows)
     solvers = list(dict.fromkeys(r["solver"] for r in rows))
     schedules = list(dict.fromkeys(r["schedule"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, axes = plt.subplots(1, len(solvers), figsize=(3.6 * len(solvers), 3.4), squeeze=False, sharey=True)
+    legend_width = 1.5  # inches, right of the panels
+    width = 3.6 * len(solvers) + legend_width
+    fig, axes = plt.subplots(1, len(solvers), figsize=(width, 3.4), squeeze=False, sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, solver in zip(axes[0], solvers, strict=True):
         for vi, variant in enumerate(variants):
@@ -142,7 +147,6 @@ def plot_metric(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
                     marker="o",
                     markersize=3,
                     capsize=2,
-                    label=f"{variant}, {schedule}",
                 )
         ax.set_title(solver)
         ax.set_xlabel("NFE")
@@ -150,11 +154,12 @@ def plot_metric(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(f"{metric} (log; diverged cells omitted)")
-    axes[0][-1].legend(fontsize=7)
+    handles = [Line2D([], [], color=colours[i % len(colours)], marker="o", markersize=3) for i in range(len(variants))]
+    handles += [Line2D([], [], color="black", linestyle=LINESTYLES[i % len(LINESTYLES)]) for i in range(len(schedules))]
+    fig.legend(handles, [*variants, *schedules], loc="center right", fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0, 1 - legend_width / width, 1))
+    return fig
 
 
 def write_outputs(config: BenchConfig, results: list[CellResult], out: Path, facts: dict[str, Any]) -> dict[str, Path]:
@@ -185,5 +190,7 @@ def write_outputs(config: BenchConfig, results: list[CellResult], out: Path, fac
         + "the metric itself is infinite. NFE (n): the solver realised n evaluations.\n\n"
     )
     paths["results.md"].write_text(header + "\n".join(verdicts(rows)) + "\n\n" + markdown_table(rows))
-    plot_metric(rows, paths["metric.png"], f"{config.model}: {headline(rows)} vs NFE")
+    figure = metric_figure(rows, f"{config.model}: {headline(rows)} vs NFE")
+    figure.savefig(paths["metric.png"], dpi=110)
+    plt.close(figure)
     return paths

@@ -15,7 +15,7 @@ from .experiment import Experiment, Limits, ModelCatalog
 from .sampling import DiagnosticsConfig
 from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, SteinConfig, variant_settings
 
-__all__ = ["CUSTOM_RULE", "DEFAULT_RULE", "DEVICE", "LIMITS", "SETTINGS", "build_experiment"]
+__all__ = ["CUSTOM_RULE", "DEFAULT_RULE", "DEVICE", "LIMITS", "SETTINGS", "build_experiment", "model_device"]
 
 LIMITS = Limits(max_nfe=100, max_batch=4096, max_image_batch=256, max_probes=16, max_lipschitz_samples=64)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,6 +46,14 @@ SETTINGS: list[tuple[str, Any]] = [
 ]
 
 
+def model_device(catalog: ModelCatalog, model: str) -> str:
+    """Where the app runs ``model``: an image model on :data:`DEVICE` (the GPU when there is one), a 2-D
+    model on the CPU. A 2-D run is many small operations on a few thousand points, which a GPU serves slower:
+    the app's gmm-ring run (2,000 particles, NFE 5) took 0.59-0.69 s on an H200 and 0.24-0.27 s on this
+    project's 2-core CPU (docs/results.md, 'On a GPU')."""
+    return DEVICE if catalog.accepts(model) and catalog.kind(model) == "image" else "cpu"
+
+
 def build_experiment(
     catalog: ModelCatalog,
     model: str,
@@ -66,7 +74,7 @@ def build_experiment(
     variant: str,
     lipschitz: bool,
     reference: bool,
-    device: str = DEVICE,
+    device: str | None = None,
 ) -> Experiment:
     """The settings of the form (or of the /run call) as a validated Experiment; ValueError names the problem.
 
@@ -74,6 +82,7 @@ def build_experiment(
     "custom": the clip from ``gamma_min``, ``gamma_max`` and ``literal``, with no safeguard. ``products``
     ("vjp", "vjp-batched" or "fd") sets how the Hutchinson probes and the Lipschitz estimates take their
     Jacobian products: autograd, or forward differences (one forward a product, no backward pass).
+    ``device`` defaults to :func:`model_device`'s choice.
     """
     numbers = {
         "nfe": nfe,
@@ -118,5 +127,5 @@ def build_experiment(
         seed=int(seed),
         stein=stein if stein_on else None,
         diagnostics=diagnostics,
-        device=device,
+        device=device or model_device(catalog, model),
     )

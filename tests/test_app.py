@@ -9,6 +9,7 @@ import pytest
 from gradio_client import Client
 
 import app
+from steindiff import interactive
 from steindiff.experiment import ModelCatalog, run_experiment
 from steindiff.plots import _log_ticks, diagnostics_figure, particles_figure
 
@@ -46,6 +47,18 @@ def test_named_rule_sets_the_correction_and_ignores_the_custom_clip():
     assert default.stein.products == "fd" and default.diagnostics.jacobian_mode == "fd"  # the app's fast products
     by_autograd = app.build_experiment(catalog, *{**GOOD, "products": "vjp"}.values())
     assert by_autograd.stein.products == "vjp" and by_autograd.diagnostics.jacobian_mode == "vjp2"
+
+
+def test_image_models_go_to_the_gpu_and_2d_models_stay_on_the_cpu(monkeypatch):
+    """interactive.model_device, as build_experiment applies it when no device is named (DEVICE is what
+    the app found at import: here, as on a machine with a GPU)."""
+    monkeypatch.setattr(interactive, "DEVICE", "cuda:0")
+    catalog = ModelCatalog()
+    assert interactive.model_device(catalog, "mnist") == "cuda:0"
+    assert interactive.model_device(catalog, "gmm-ring") == interactive.model_device(catalog, "nowhere") == "cpu"
+    assert app.build_experiment(catalog, *GOOD.values()).device == "cpu"
+    assert app.build_experiment(catalog, *{**GOOD, "model": "mnist"}.values()).device == "cuda:0"
+    assert app.build_experiment(catalog, *{**GOOD, "model": "mnist"}.values(), device="cpu").device == "cpu"
 
 
 def test_render_and_download_from_a_real_run(tmp_path):

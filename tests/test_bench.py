@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 
 from steindiff.bench import BenchConfig, run_bench, summarise
-from steindiff.bench_report import markdown_table, write_outputs
+from steindiff.bench_report import markdown_table, metric_figure, write_outputs
 from steindiff.cli import main
 from steindiff.cost import cost_cases, measure_cost
 from steindiff.denoisers import load_model
@@ -130,9 +131,19 @@ def test_outputs_hold_every_row_and_a_plot(tmp_path):
     assert paths["metric.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_legend_names_every_variant_and_schedule_whichever_panel_holds_them():
+    config = _ring_config(nfe=(3,), seeds=(0,), samples=32, schedules=("karras", "logsnr"))
+    rows = [r for r in summarise(_run(config)) if not (r["solver"] == "heun" and r["variant"] == "stein")]
+    figure = metric_figure(rows, "test")
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["vanilla", "stein", "karras", "logsnr"]
+    first, last = figure.axes[:2]
+    assert len(first.lines) > len(last.lines) > 0  # heun's panel lacks stein
+    plt.close(figure)
+
+
 def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
-    """benchmarks/results.py --merge: pieces by solver (and, for one solver, by variant) give the summary
-    of the sweep run at once."""
+    """benchmarks/results.py --merge: pieces by solver (and, for one solver, by variant), on two machines
+    and merged in two rounds, give the summary of the sweep run at once."""
     spec = importlib.util.spec_from_file_location("results_page", ROOT / "benchmarks" / "results.py")
     page = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(page)
@@ -146,15 +157,20 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
     }
     for name, changes in pieces.items():
         piece = dataclasses.replace(whole, **changes)
-        write_outputs(piece, _run(piece), tmp_path / name, facts)
+        machine = "other machine" if name.endswith("-more") else "test"
+        write_outputs(piece, _run(piece), tmp_path / name, {**facts, "machine": machine})
     older = tmp_path / first / "results.json"  # made before `products` replaced `batched_probes`
     document = json.loads(older.read_text())
     document["config"]["batched_probes"] = document["config"].pop("products") == "vjp-batched"
     older.write_text(json.dumps(document))
-    page.merge("gmm-ring", [tmp_path / name for name in pieces], tmp_path / "docs")
-    merged = json.loads((tmp_path / "docs" / "results" / "gmm-ring" / "results.json").read_text())
-    assert merged["config"]["solvers"] == list(whole.solvers) and merged["facts"]["wall time"].startswith("3 s")
-    assert merged["config"]["variants"] == list(whole.variants)
+    names = list(pieces)
+    page.merge("gmm-ring", [tmp_path / name for name in names[:2]], tmp_path / "earlier")
+    page.merge("gmm-ring", [tmp_path / "earlier", tmp_path / names[2]], tmp_path / "merged")
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["config"]["solvers"] == list(whole.solvers) and merged["config"]["variants"] == list(whole.variants)
+    assert merged["facts"]["wall time"] == "3 s in 3 bench runs"
+    assert merged["facts"]["machine"] == "test and other machine"
+    assert merged["facts"]["command"] == "bench; bench; bench"
 
     def timeless(rows):
         return [{k: v for k, v in row.items() if k != "wall_s"} for row in rows]
@@ -163,9 +179,9 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
     with pytest.raises(SystemExit, match="differ in samples"):
         other = _ring_config(nfe=(3,), seeds=(0,), samples=64, solvers=("heun",))
         write_outputs(other, _run(other), tmp_path / "other", facts)
-        page.merge("gmm-ring", [tmp_path / first, tmp_path / "other"], tmp_path / "docs")
+        page.merge("gmm-ring", [tmp_path / first, tmp_path / "other"], tmp_path / "merged")
     with pytest.raises(SystemExit, match="more than one folder"):
-        page.merge("gmm-ring", [tmp_path / first, tmp_path / first], tmp_path / "docs")
+        page.merge("gmm-ring", [tmp_path / first, tmp_path / first], tmp_path / "merged")
 
 
 def test_markdown_marks_non_finite_and_diverged_cells():
