@@ -270,6 +270,7 @@ def run_experiment(
         [s for s in grid if s > 0][-1],
         diag.reference_log_step,
         diag.reference_floor_ratio,
+        diag.reference_method,
     )
     comparison = compare(
         model,
