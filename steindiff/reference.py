@@ -27,7 +27,15 @@ import torch
 from .denoisers.base import DenoiseFn
 from .solvers import SolverOptions, dpmpp_3m_step
 
-__all__ = ["FlowSolution", "LatticeMethod", "flow_map", "reference_trajectory", "solve_flow", "solve_for_grid"]
+__all__ = [
+    "LATTICE_METHODS",
+    "FlowSolution",
+    "LatticeMethod",
+    "flow_map",
+    "reference_trajectory",
+    "solve_flow",
+    "solve_for_grid",
+]
 
 #: how a solution steps along its lattice: "rk4" or "dpmpp_3m" (see the module docstring)
 LatticeMethod = Literal["rk4", "dpmpp_3m"]
@@ -104,7 +112,7 @@ def flow_map(
 
 @dataclass
 class FlowSolution:
-    """The RK4 solution from ``states[0]`` at ``sigmas[0]``: its states at the lattice noise levels
+    """The solution from ``states[0]`` at ``sigmas[0]``: its states at the lattice noise levels
     ``sigmas`` (decreasing, uniform in log sigma), and the states at the grids asked of it so far."""
 
     sigmas: list[float]
