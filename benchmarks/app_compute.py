@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from steindiff.experiment import ModelCatalog, run_experiment
-from steindiff.interactive import LIMITS, SETTINGS, build_experiment, model_device
+from steindiff.interactive import LIMITS, SETTINGS, build_experiment
 
 BASE = {**dict(SETTINGS), "solver": "dpmpp_2m", "schedule": "karras", "nfe": 5, "seed": 0}
 CASES = {
@@ -66,18 +66,19 @@ def main() -> None:
     catalog = ModelCatalog()
     print(f"torch threads: {torch.get_num_threads()}; rule: {BASE['rule']}")
 
-    def run(call: dict[str, Any]) -> None:
+    def run(call: dict[str, Any]) -> str:
+        """One run; the device it ran on."""
         experiment = build_experiment(catalog, *call.values(), device=args.device)
         run_experiment(experiment, catalog, LIMITS)
         if experiment.device.startswith("cuda"):
             torch.cuda.synchronize()
+        return experiment.device
 
     for name, case in CASES.items():
         settings = {**BASE, **case}
-        device = args.device or model_device(catalog, settings["model"])
+        device = run(settings)  # warm-up
         where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
         print(f"{name}: {where}")
-        run(settings)  # warm-up
         for label, plan in call_plans(settings, args.repeats).items():
             times = []
             for setup, call in plan:

@@ -29,7 +29,7 @@ from .denoisers import Denoiser, set_layout
 from .distributed import Shard, gather
 from .quality import QualityMetric
 from .reference import flow_map
-from .sampling import DiagnosticsConfig, RunResult, initial_noise, sample
+from .sampling import DiagnosticsConfig, RunResult, initial_noise, sample, takes_functorch
 from .schedules import SCHEDULES, make_sigmas
 from .solvers import get_solver
 from .stein import STEIN_VARIANTS, ProbeProducts, SteinConfig
@@ -151,7 +151,7 @@ def run_bench(
     ``on_block`` is called after each block this rank finishes (for a progress bar).
     """
     device = shard.device
-    set_layout(model, device, functorch=config.products == "vjp-batched")
+    set_layout(model, device, takes_functorch(config.products))
     sigma_min, sigma_max = model.sigma_min, model.sigma_max
     log_step = config.reference_log_step or (0.025 if model.exact else 0.1)
     mine = range(shard.rank, config.blocks, shard.world)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .denoisers import Denoiser, load_model, set_layout
-from .sampling import DiagnosticsConfig, initial_noise, sample
+from .sampling import DiagnosticsConfig, initial_noise, sample, takes_functorch
 from .schedules import make_sigmas
 from .solvers import get_solver
 from .stein import STEIN_VARIANTS, SteinConfig
@@ -89,7 +89,7 @@ class _Setup:
 
 def _run(setup: _Setup, model: Denoiser, sigmas: torch.Tensor, noise: torch.Tensor, case: CostCase) -> float:
     """Seconds for one sampling run (synchronised on CUDA), in the layout such a run gets (``set_layout``)."""
-    set_layout(model, setup.device, case.stein is not None and case.stein.products == "vjp-batched")
+    set_layout(model, setup.device, takes_functorch(case.stein.products if case.stein else None))
     start = time.perf_counter()
     sample(model, noise, sigmas, setup.solver, stein=case.stein, diagnostics=NO_DIAGNOSTICS, keep_states=False)
     if setup.device.startswith("cuda"):

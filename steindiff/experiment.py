@@ -14,7 +14,7 @@ from .denoisers import MODELS, Denoiser, load_denoiser, load_model, set_layout
 from .denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
 from .metrics import DIGIT_SHAPE, load_classifier, score_digits
 from .reference import FlowSolution
-from .sampling import Comparison, DiagnosticsConfig, StepRecord, compare, initial_noise
+from .sampling import Comparison, DiagnosticsConfig, StepRecord, compare, initial_noise, takes_functorch
 from .schedules import SCHEDULES, make_sigmas
 from .solvers import SOLVERS, SolverOptions, get_solver
 from .stein import SteinConfig
@@ -247,9 +247,8 @@ def run_experiment(
 ) -> ExperimentResult:
     """Validate, build the grid and the noise, run vanilla and corrected, and score digit samples."""
     experiment.check(models, limits)
-    functorch = experiment.diagnostics.jacobian_mode == "jvp" or (
-        experiment.stein is not None and experiment.stein.products == "vjp-batched"
-    )
+    products = experiment.stein.products if experiment.stein else None
+    functorch = takes_functorch(products, experiment.diagnostics.jacobian_mode)
     model = set_layout(models.get(experiment.model, experiment.device), experiment.device, functorch)
     steps = SOLVERS[experiment.solver].steps_for_nfe(experiment.nfe)
     sigma_min, sigma_max = experiment.sigma_min or model.sigma_min, experiment.sigma_max or model.sigma_max

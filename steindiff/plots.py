@@ -53,11 +53,10 @@ def _cumulative(values: list[float | None]) -> list[float | None]:
 
 def _axis_values(fig: go.Figure, panel: int) -> list[float]:
     """The finite positive y values of the traces drawn in subplot ``panel`` (1-based, row-major)."""
-    axis = f"y{panel if panel > 1 else ''}"
     return [
         float(y)
         for trace in fig.data
-        if (trace.yaxis or "y") == axis
+        if (trace.yaxis or "y") == f"y{_axis(panel)}"
         for y in (trace.y if trace.y is not None else ())
         if y is not None and math.isfinite(y) and y > 0
     ]
@@ -189,7 +188,7 @@ def diagnostics_figure(result: ExperimentResult, step: int | None = None) -> go.
             )
     band_top = 3 * peak
     for panel in (1, 2, 4, 5, 6):
-        axis = fig.layout[f"yaxis{panel if panel > 1 else ''}"]
+        axis = fig.layout[f"yaxis{_axis(panel)}"]
         axis.type = "log"
         shown = [*_axis_values(fig, panel), *((1.0, band_top) if panel in (4, 6) else ())]  # the band and L = 1
         ticks = _log_ticks(shown)

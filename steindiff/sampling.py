@@ -38,6 +38,7 @@ __all__ = [
     "initial_noise",
     "sample",
     "sample_seed",
+    "takes_functorch",
 ]
 
 
@@ -157,6 +158,13 @@ class Comparison:
     stein: RunResult | None
     reference: list[torch.Tensor] | None
     flow: FlowSolution | None = None
+
+
+def takes_functorch(products: str | None, jacobian_mode: JacobianMode = "vjp2") -> bool:
+    """Whether a run with these probe products (None: no correction) and Lipschitz Jacobian mode takes
+    functorch transforms (gradients batched by vmap, forward-mode AD): ``denoisers.set_layout``'s
+    ``functorch``, as both fail on channels-last activations."""
+    return products == "vjp-batched" or jacobian_mode == "jvp"
 
 
 def sample_seed(seed: int, index: int) -> int:
