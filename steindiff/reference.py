@@ -20,7 +20,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -39,7 +39,7 @@ __all__ = [
 
 #: how a solution steps along its lattice: "rk4" or "dpmpp_3m" (see the module docstring)
 LatticeMethod = Literal["rk4", "dpmpp_3m"]
-LATTICE_METHODS: tuple[str, ...] = ("rk4", "dpmpp_3m")
+LATTICE_METHODS: tuple[str, ...] = get_args(LatticeMethod)
 #: DPM-Solver++(3M) at its full third order (SolverOptions.dpmpp_3m_d2_weight), no lower order at the end
 _THIRD_ORDER = SolverOptions(lower_order_final=False, dpmpp_3m_d2_weight=2.0)
 
