@@ -270,6 +270,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             updates.append(gr.update(value=value))
         return tuple(updates)
 
+    initial = dict(SETTINGS)  # the form starts where /run's defaults are
     # gradio keeps a copy of every output file: those older than an hour go, hourly
     with gr.Blocks(title="steindiff: the contractivity trap", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# steindiff: few-step diffusion sampling, the contractivity trap, and the Stein correction")
@@ -277,35 +278,43 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             with gr.Column(scale=1, min_width=300):
                 preset = gr.Dropdown(list(PRESETS), label="Lesson presets", value=None)
                 model = gr.Dropdown(names, value=default_model, label="model")
-                solver = gr.Dropdown([s for s in SOLVERS if s != "euler"], value="dpmpp_2m", label="solver")
-                schedule = gr.Dropdown(list(SCHEDULES), value="karras", label="schedule")
-                nfe = gr.Slider(1, LIMITS.max_nfe, value=5, step=1, label="NFE (network evaluations)")
-                batch = gr.Number(16, label="batch (2-D: up to 4096 particles; images: up to 256)", precision=0)
+                solver = gr.Dropdown([s for s in SOLVERS if s != "euler"], value=initial["solver"], label="solver")
+                schedule = gr.Dropdown(list(SCHEDULES), value=initial["schedule"], label="schedule")
+                nfe = gr.Slider(1, LIMITS.max_nfe, value=initial["nfe"], step=1, label="NFE (network evaluations)")
+                batch = gr.Number(
+                    initial["batch"], label="batch (2-D: up to 4096 particles; images: up to 256)", precision=0
+                )
                 with gr.Row():
-                    seed = gr.Number(0, label="seed", precision=0, scale=3)
+                    seed = gr.Number(initial["seed"], label="seed", precision=0, scale=3)
                     dice = gr.Button("random seed", scale=1)
                 with gr.Accordion("Stein correction", open=True):
-                    stein_on = gr.Checkbox(True, label="run the corrected sampler beside vanilla")
+                    stein_on = gr.Checkbox(initial["stein_on"], label="run the corrected sampler beside vanilla")
                     rule = gr.Dropdown(
                         [*STEIN_VARIANTS, CUSTOM_RULE],
-                        value=DEFAULT_RULE,
+                        value=initial["rule"],
                         label="rule (see README: stein = the paper's literal rule; custom = the clip below)",
                     )
-                    custom = DEFAULT_RULE == CUSTOM_RULE
-                    literal = gr.Checkbox(True, label="custom: no upper clip (gamma_max = inf)", visible=custom)
-                    gamma_min = gr.Number(0.1, label="custom: gamma_min", visible=custom)
-                    gamma_max = gr.Number(1.0, label="custom: gamma_max (when not literal)", visible=custom)
-                    probes = gr.Slider(1, LIMITS.max_probes, value=2, step=1, label="Hutchinson probes K")
-                    probe = gr.Radio(["rademacher", "gaussian", "exact"], value="rademacher", label="probe")
+                    custom = initial["rule"] == CUSTOM_RULE
+                    literal = gr.Checkbox(
+                        initial["literal"], label="custom: no upper clip (gamma_max = inf)", visible=custom
+                    )
+                    gamma_min = gr.Number(initial["gamma_min"], label="custom: gamma_min", visible=custom)
+                    gamma_max = gr.Number(
+                        initial["gamma_max"], label="custom: gamma_max (when not literal)", visible=custom
+                    )
+                    probes = gr.Slider(
+                        1, LIMITS.max_probes, value=initial["probes"], step=1, label="Hutchinson probes K"
+                    )
+                    probe = gr.Radio(["rademacher", "gaussian", "exact"], value=initial["probe"], label="probe")
                     products = gr.Radio(
                         list(PROBE_PRODUCTS),
-                        value="fd",
+                        value=initial["products"],
                         label="Jacobian products (probes and Lipschitz): vjp = autograd, fd = forward differences",
                     )
-                    coords = gr.Radio(["edm", "vp"], value="edm", label="coordinates of the combination")
-                    variant = gr.Radio(["batch", "per_sample"], value="batch", label="gamma from")
-                lipschitz = gr.Checkbox(True, label="local Lipschitz estimates")
-                reference = gr.Checkbox(True, label="error to the reference solution")
+                    coords = gr.Radio(["edm", "vp"], value=initial["coords"], label="coordinates of the combination")
+                    variant = gr.Radio(["batch", "per_sample"], value=initial["variant"], label="gamma from")
+                lipschitz = gr.Checkbox(initial["lipschitz"], label="local Lipschitz estimates")
+                reference = gr.Checkbox(initial["reference"], label="error to the reference solution")
                 run_button = gr.Button("Run", variant="primary")
                 download = gr.File(label="download the run (JSON, CSV, PNG)")
             with gr.Column(scale=3):

@@ -4,9 +4,11 @@ Integrated in s = log sigma, where the ODE reads dx/ds = x - D(x, e^s), with cla
 calls a step) or, for a cheaper solution of a trained network, the third-order exponential multistep
 DPM-Solver++(3M) (one call a step; its linear part is integrated exactly). A :class:`FlowSolution` holds
 the states on a uniform lattice in s, steps of at most ``max_log_step``, from the starting noise level down
-to the last one it needs. Any noise level in between is one RK4 step from the lattice node above it, so
-one solution serves every grid over the same noise: changing the solver, the schedule or the NFE costs
-four batched network calls, not a new solve. The segment into sigma = 0 is
+to the last one it needs. Any noise level in between is one step from the lattice node above it: an RK4
+step (four batched network calls for all the levels of a grid), or, on a 3M lattice, the 3M step cut short
+(its dense output, from the denoised values the walk kept: no network call). So one solution serves every
+grid over the same noise: changing the solver, the schedule or the NFE costs at most four batched network
+calls, not a new solve. The segment into sigma = 0 is
 integrated down to ``floor_ratio`` times the last positive sigma and finished by one denoising step,
 whose error is O(sigma_floor^2) (relative 1e-7 or less for the shipped mixtures). For an exact denoiser
 this is the exact solution to integration tolerance; for a trained one it is a high-NFE reference from
@@ -79,14 +81,18 @@ def _walk(denoise: DenoiseFn, x: torch.Tensor, log_sigmas: list[float]) -> list[
     return states
 
 
-def _walk_multistep(denoise: DenoiseFn, x: torch.Tensor, sigmas: list[float]) -> list[torch.Tensor]:
+def _walk_multistep(
+    denoise: DenoiseFn, x: torch.Tensor, sigmas: list[float]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """DPM-Solver++(3M) from ``x`` at ``sigmas[0]`` through the others (decreasing, positive): one network
-    call a step, the first two steps of order 1 and 2 (the multistep warm-up)."""
-    states, history = [x], ()
+    call a step, the first two steps of order 1 and 2 (the multistep warm-up). The states at every level
+    and the denoised values at every level but the last."""
+    states, denoised, history = [x], [], ()
     for k in range(len(sigmas) - 1):
-        x_next, _, history = dpmpp_3m_step(denoise, states[-1], sigmas, k, history, _THIRD_ORDER)
+        x_next, d, history = dpmpp_3m_step(denoise, states[-1], sigmas, k, history, _THIRD_ORDER)
         states.append(x_next)
-    return states
+        denoised.append(d)
+    return states, denoised
 
 
 def _rk4_log_sigma(denoise: DenoiseFn, x: torch.Tensor, sigma_from: float, sigma_to: float, max_log_step: float):
@@ -113,11 +119,15 @@ def flow_map(
 @dataclass
 class FlowSolution:
     """The solution from ``states[0]`` at ``sigmas[0]``: its states at the lattice noise levels
-    ``sigmas`` (decreasing, uniform in log sigma), and the states at the grids asked of it so far."""
+    ``sigmas`` (decreasing, uniform in log sigma), and the states at the grids asked of it so far.
+    ``denoised``: on a DPM-Solver++(3M) lattice, D(x, sigma) at every node but the last (the walk's own
+    calls), from which a level between two nodes is reached without a network call; None for RK4."""
 
     sigmas: list[float]
     states: list[torch.Tensor]
+    denoised: list[torch.Tensor] | None = None
     _grids: dict[tuple[float, ...], list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _at_zero: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def sigma_floor(self) -> float:
@@ -126,9 +136,10 @@ class FlowSolution:
 
     @torch.no_grad()
     def states_at(self, denoise: DenoiseFn, sigmas: Sequence[float]) -> list[torch.Tensor]:
-        """The solution at each of ``sigmas``: a lattice state, one RK4 step from the node above it, or at
-        sigma = 0 the denoised floor state. The off-lattice steps run as a few batched calls, so ``denoise``
-        must take one sigma per sample. Levels above the start or between 0 and the floor are refused."""
+        """The solution at each of ``sigmas``: a lattice state, one step from the node above it (RK4 in a few
+        batched calls, so ``denoise`` must take one sigma per sample; on a 3M lattice the step's dense output,
+        no call), or at sigma = 0 the denoised floor state (one call, kept). Levels above the start or
+        between 0 and the floor are refused."""
         grid = tuple(float(s) for s in sigmas)
         if grid in self._grids:
             return self._grids[grid]
@@ -141,8 +152,7 @@ class FlowSolution:
         negated = [-s for s in self.sigmas]  # increasing, for bisect
         for i, s in enumerate(grid):
             if s == 0:
-                x = self.states[-1]
-                states[i] = denoise(x, torch.tensor(floor, dtype=x.dtype, device=x.device))
+                states[i] = self._denoised_floor(denoise)
                 continue
             node = min(max(bisect.bisect_right(negated, -s) - 1, 0), len(self.sigmas) - 1)
             offset = math.log(s) - math.log(self.sigmas[node])
@@ -150,12 +160,35 @@ class FlowSolution:
                 states[i] = self.states[node]
             else:
                 off_lattice.append((i, node, offset))
-        states.update(self._step_off_lattice(denoise, off_lattice))
+        if self.denoised is None:
+            states.update(self._step_off_lattice(denoise, off_lattice))
+        else:
+            states.update({i: self._dense_output(self.denoised, node, offset) for i, node, offset in off_lattice})
         result = [states[i] for i in range(len(grid))]
         self._grids[grid] = result
         while len(self._grids) > KEPT_GRIDS:
             self._grids.pop(next(iter(self._grids)))
         return result
+
+    def _denoised_floor(self, denoise: DenoiseFn) -> torch.Tensor:
+        """D at the floor state: the solution at sigma = 0 (computed once)."""
+        if self._at_zero is None:
+            x = self.states[-1]
+            self._at_zero = denoise(x, torch.tensor(self.sigma_floor, dtype=x.dtype, device=x.device))
+        return self._at_zero
+
+    def _dense_output(self, denoised: list[torch.Tensor], node: int, offset: float) -> torch.Tensor:
+        """The state ``offset`` (< 0) in log sigma below lattice node ``node``: the walk's 3M step from that
+        node, with the same ``denoised`` values and order, cut short (the exponential integrator's polynomial in
+        lambda integrated over the shorter interval; the local error of a shorter step of the same order)."""
+        first = max(0, node - 2)  # the step from node n uses the outputs at nodes n-2 .. n
+        levels = [*self.sigmas[first : node + 1], self.sigmas[node] * math.exp(offset)]
+        history = tuple(reversed(denoised[first:node]))  # the latest first, as the solvers keep it
+
+        def stored(_x: torch.Tensor, _sigma: torch.Tensor) -> torch.Tensor:
+            return denoised[node]
+
+        return dpmpp_3m_step(stored, self.states[node], levels, node - first, history, _THIRD_ORDER).x_next
 
     def _step_off_lattice(self, denoise: DenoiseFn, steps: list[tuple[int, int, float]]) -> dict[int, torch.Tensor]:
         """One RK4 step from a lattice node for each of ``steps``, batched over steps and samples."""
@@ -191,8 +224,9 @@ def solve_flow(
         return FlowSolution([sigma_from], [x])
     nodes = _log_lattice(sigma_from, sigma_to, max_log_step)
     sigmas = [sigma_from, *(math.exp(s) for s in nodes[1:-1]), sigma_to]
-    states = _walk(denoise, x, nodes) if method == "rk4" else _walk_multistep(denoise, x, sigmas)
-    return FlowSolution(sigmas, states)
+    if method == "rk4":
+        return FlowSolution(sigmas, _walk(denoise, x, nodes))
+    return FlowSolution(sigmas, *_walk_multistep(denoise, x, sigmas))
 
 
 def solve_for_grid(

@@ -38,6 +38,13 @@ def test_build_experiment_validates_like_the_server():
             app.build_experiment(catalog, *{**GOOD, **bad}.values())
 
 
+def test_the_form_starts_at_the_run_endpoints_defaults():
+    """What the page shows before any change is what /run does when called with app.SETTINGS."""
+    demo = app.make_app(ModelCatalog())
+    run = next(fn for fn in demo.fns.values() if fn.api_name == "run")
+    assert [component.value for component in run.inputs] == [value for _, value in app.SETTINGS]
+
+
 def test_named_rule_sets_the_correction_and_ignores_the_custom_clip():
     catalog = ModelCatalog()
     experiment = app.build_experiment(catalog, *{**GOOD, "rule": "sc-lookahead", "gamma_min": 0.3}.values())
@@ -49,22 +56,25 @@ def test_named_rule_sets_the_correction_and_ignores_the_custom_clip():
     assert by_autograd.stein.products == "vjp" and by_autograd.diagnostics.jacobian_mode == "vjp2"
 
 
-def test_an_image_reference_takes_one_network_call_a_lattice_step():
+def test_an_image_reference_takes_one_network_call_a_lattice_step_and_none_for_a_new_grid():
     """The app solves an image model's reference with DPM-Solver++(3M) steps of 0.25 in log sigma: from 80
-    to 0.002 that is 43 calls, then 4 batched RK4 calls onto the grid and the final denoising step."""
+    to 0.002 that is 43 calls, and the final denoising step. The levels of a grid between lattice nodes
+    are the 3M steps cut short, from the denoised values the walk kept: another grid costs no call."""
     catalog = ModelCatalog()
     settings = {**dict(app.SETTINGS), "model": "mnist", "batch": 4, "nfe": 3, "lipschitz": False}
     model = catalog.get("mnist")
-    calls = {}
-    for reference in (False, True):
-        counted = []
-        hook = model.register_forward_hook(lambda *_, counted=counted: counted.append(1))
-        try:
-            run_experiment(app.build_experiment(catalog, *{**settings, "reference": reference}.values()), catalog)
-        finally:
-            hook.remove()
-        calls[reference] = len(counted)
-    assert calls[True] - calls[False] == 43 + 4 + 1
+    for change, reference_calls in (({}, 43 + 1), ({"schedule": "logsnr", "nfe": 4}, 0)):
+        calls = {}
+        for reference in (False, True):
+            counted = []
+            hook = model.register_forward_hook(lambda *_, counted=counted: counted.append(1))
+            try:
+                call = {**settings, **change, "reference": reference}
+                run_experiment(app.build_experiment(catalog, *call.values()), catalog)
+            finally:
+                hook.remove()
+            calls[reference] = len(counted)
+        assert calls[True] - calls[False] == reference_calls, (change, calls)
 
 
 def test_image_models_go_to_the_gpu_and_2d_models_stay_on_the_cpu(monkeypatch):
@@ -77,6 +87,10 @@ def test_image_models_go_to_the_gpu_and_2d_models_stay_on_the_cpu(monkeypatch):
     assert app.build_experiment(catalog, *GOOD.values()).device == "cpu"
     assert app.build_experiment(catalog, *{**GOOD, "model": "mnist"}.values()).device == "cuda:0"
     assert app.build_experiment(catalog, *{**GOOD, "model": "mnist"}.values(), device="cpu").device == "cpu"
+    # a hub id the catalog accepts without listing it (as the CLI's does): an image model, for its device
+    # and for the interactive budgets alike (nothing is loaded to decide)
+    hub = app.build_experiment(ModelCatalog(any_diffusers=True), *{**GOOD, "model": "diffusers:a/b"}.values())
+    assert hub.device == "cuda:0" and hub.diagnostics.lipschitz_iters == 3 and hub.diagnostics.reference_samples == 4
 
 
 def test_render_and_download_from_a_real_run(tmp_path):
@@ -193,9 +207,9 @@ def test_runs_from_the_same_noise_reuse_the_reference_solution():
     second = run_experiment(app.build_experiment(catalog, *capped.values()), catalog, app.LIMITS)
     assert second.comparison.reference is first.comparison.reference  # same grid: the same states
     model = catalog.get("gmm-ring")
-    # a new grid costs the reference 4 calls stepping off the solution's lattice and the final denoising step,
-    # not a new solve (hundreds of calls); a new batch on the same grid none (its first 64 samples are the same)
-    changes = [({"nfe": 9}, 5), ({"solver": "heun"}, 5), ({"schedule": "logsnr"}, 5), ({"batch": 96}, 0)]
+    # a new grid costs the RK4 reference 4 calls stepping off the solution's lattice (its denoised floor state
+    # is kept), not a new solve (hundreds of calls); a new batch on the same grid none (the same 64 samples)
+    changes = [({"nfe": 9}, 4), ({"solver": "heun"}, 4), ({"schedule": "logsnr"}, 4), ({"batch": 96}, 0)]
     for change, reference_calls in changes:
         calls = {}
         for reference in (False, True):

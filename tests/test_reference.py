@@ -44,6 +44,8 @@ def test_one_solution_serves_every_grid_in_four_batched_calls(ring):
     flow.states_at(counting, grid)
     assert counting.nfe == 4 + 1  # RK4 off the lattice to the 4 interior levels at once, the final denoising
     assert flow.states_at(counting, grid) is flow.states_at(counting, grid) and counting.nfe == 5  # kept
+    flow.states_at(counting, make_sigmas("logsnr", 5, model.sigma_min, model.sigma_max).tolist())
+    assert counting.nfe == 5 + 4  # another grid: the floor's denoised state is kept too
     many = x.repeat(OFF_LATTICE_ELEMENTS // 4 // len(x), 1)  # half the budget a level: 2 levels a call
     big = solve_flow(model, many, model.sigma_max, model.sigma_min * 0.01, 1.0)
     counting.nfe = 0
@@ -80,7 +82,7 @@ def test_the_solution_keeps_only_the_latest_grids(ring):
     assert flow.states_at(model, grids[-1]) is flow.states_at(model, grids[-1])
 
 
-def test_the_multistep_lattice_is_third_order_at_one_call_a_step():
+def test_the_multistep_lattice_is_third_order_at_one_call_a_step_and_on_any_grid_without_one():
     """DPM-Solver++(3M) against the closed-form flow of a Gaussian, x(s) = mu + (Sigma + s^2 I)^(1/2)
     (Sigma + s0^2 I)^(-1/2) (x0 - mu): halving the step divides the largest error on the lattice by about
     8; RK4's by about 16."""
@@ -89,22 +91,29 @@ def test_the_multistep_lattice_is_third_order_at_one_call_a_step():
     evals, evecs = torch.linalg.eigh(cov)
     x = initial_noise(16, (2,), 80.0, seed=1, dtype=F64)
 
-    def largest_error(log_step, method):
+    grid = make_sigmas("karras", 7, 0.002, 80.0).tolist()[:-1]  # levels between the lattice nodes
+
+    def largest_error(log_step, method, levels=None):
+        """On the lattice, or at ``levels`` (off the lattice: RK4 steps, or the 3M steps cut short)."""
         flow = solve_flow(model, x, 80.0, 0.002, log_step, method)
+        sigmas, states = (flow.sigmas, flow.states) if levels is None else (levels, flow.states_at(model, levels))
         errors = []
-        for sigma, state in zip(flow.sigmas, flow.states, strict=True):
+        for sigma, state in zip(sigmas, states, strict=True):
             gain = evecs @ torch.diag(((evals + sigma**2) / (evals + 80.0**2)).sqrt()) @ evecs.T
             errors.append(float((state - mu - (x - mu) @ gain.T).norm(dim=1).max()))
         return max(errors)
 
     for method, order in (("dpmpp_3m", 3), ("rk4", 4)):
-        errors = [largest_error(h, method) for h in (0.2, 0.1, 0.05)]
-        for coarse, fine in itertools.pairwise(errors):
-            assert 0.75 * 2**order < coarse / fine < 1.3 * 2**order, (method, errors)
-    assert largest_error(0.1, "dpmpp_3m") < 2e-4
+        for levels in (None, grid):
+            errors = [largest_error(h, method, levels) for h in (0.2, 0.1, 0.05)]
+            for coarse, fine in itertools.pairwise(errors):
+                assert 0.75 * 2**order < coarse / fine < 1.3 * 2**order, (method, levels, errors)
+    assert largest_error(0.1, "dpmpp_3m") < 2e-4 and largest_error(0.1, "dpmpp_3m", grid) < 2e-4
     counting = CountingDenoiser(model)
     flow = solve_flow(counting, x, 80.0, 0.002, 0.25, "dpmpp_3m")
     assert counting.nfe == len(flow.sigmas) - 1 == math.ceil(math.log(80.0 / 0.002) / 0.25)
+    flow.states_at(counting, grid)
+    assert counting.nfe == len(flow.sigmas) - 1  # off the lattice without a network call
 
 
 def test_unknown_lattice_methods_are_refused(ring):
