@@ -212,7 +212,7 @@ def main() -> None:
         "solution of the ODE from the same noise. Mean ± standard deviation over seeds. The counts compare each "
         "variant with vanilla of the same solver, schedule and NFE. Heun realises odd NFEs only: a requested "
         "NFE 4, 6, 8, 10 or 20 runs the grid of 3, 5, 7, 9 or 19 (shown as '4 (3)'), so those cells repeat "
-        "another and count in the tallies too. A sweep marked REDUCED is what the "
+        "another run, and the tallies count each run once. A sweep marked REDUCED is what the "
         "machine that made it could afford; `python benchmarks/results.py` with its defaults runs the full one "
         "(over 100 CPU-hours for `mnist` on this project's 2-core machine; about 30 minutes on an H100 or an H200, "
         "of which lent machines gave us 10 and 15: see `mnist (mnist-gpu)`).\n\n"

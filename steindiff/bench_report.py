@@ -82,18 +82,26 @@ def _value(row: dict[str, Any], name: str) -> float:
 
 
 def verdicts(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[str]:
-    """Per variant: in how many cells it beats or loses to vanilla (same solver, schedule, NFE) by more
-    than twice the combined seed spread, and the range of its ratio to vanilla."""
+    """Per variant: in how many runs it beats or loses to vanilla (same solver, schedule, NFE) by more
+    than twice the combined seed spread, and the range of its ratio to vanilla. A cell whose solver ran the
+    grid of another cell (Heun asked for an even NFE runs the odd one below) repeats that run and is
+    counted once."""
     metric = metric or headline(rows)
     vanilla = {(r["solver"], r["schedule"], r["nfe"]): r for r in rows if r["variant"] == "vanilla"}
     lines = []
     for variant in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "vanilla"):
-        better = worse = 0
+        better = worse = repeats = 0
         ratios = []
+        seen = set()
         for r in rows:
             base = vanilla.get((r["solver"], r["schedule"], r["nfe"]))
             if r["variant"] != variant or base is None:
                 continue
+            run = (r["solver"], r["schedule"], r.get("nfe_realised", r["nfe"]))
+            if run in seen:
+                repeats += 1
+                continue
+            seen.add(run)
             ours, theirs = _value(r, metric), _value(base, metric)
             stds = [_value(row, f"{metric}_std") for row in (r, base)]
             spread = 2 * math.hypot(*(s if math.isfinite(s) else 0.0 for s in stds))
@@ -109,9 +117,10 @@ def verdicts(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[
         low, high = min(ratios), max(ratios)
         seeds = min(r.get("seeds", 1) for r in rows)
         margin = "beyond twice the seed spread" if seeds > 1 else "one seed: any difference counts"
+        repeated = f"; {repeats} more cell{'s repeat' if repeats > 1 else ' repeats'} one of them" if repeats else ""
         lines.append(
-            f"- **{variant}**: better than vanilla in {better} of {len(ratios)} cells, worse in {worse} "
-            f"({margin}); {metric} / vanilla from x{low[0]:.3g} ({low[1]}) to x{high[0]:.3g} ({high[1]})."
+            f"- **{variant}**: better than vanilla in {better} of {len(ratios)} runs, worse in {worse} "
+            f"({margin}{repeated}); {metric} / vanilla from x{low[0]:.3g} ({low[1]}) to x{high[0]:.3g} ({high[1]})."
         )
     return lines
 

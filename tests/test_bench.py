@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from steindiff.bench import BenchConfig, run_bench, summarise
-from steindiff.bench_report import markdown_table, metric_figure, write_outputs
+from steindiff.bench_report import markdown_table, metric_figure, verdicts, write_outputs
 from steindiff.cli import main
 from steindiff.cost import cost_cases, measure_cost
 from steindiff.denoisers import load_model
@@ -129,6 +129,15 @@ def test_outputs_hold_every_row_and_a_plot(tmp_path):
     table = paths["results.md"].read_text()
     assert "| heun | karras | 3 |" in table and "sw2 stein" in table
     assert paths["metric.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_tallies_count_a_repeated_run_once():
+    """Heun asked for NFE 4 runs the NFE 3 grid: that cell repeats a run, named in the verdict, not counted."""
+    rows = summarise(_run(_ring_config(nfe=(3, 4), seeds=(0,), samples=32)))
+    heun = [r for r in rows if r["solver"] == "heun" and r["variant"] == "stein"]
+    assert [r["nfe_realised"] for r in heun] == [3, 3] and heun[0]["sw2"] == heun[1]["sw2"]
+    (line,) = verdicts(rows)
+    assert " of 3 runs, " in line and "1 more cell repeats one of them" in line  # 2M at NFE 3 and 4, Heun's 3
 
 
 def test_the_plot_legend_names_every_variant_and_schedule_whichever_panel_holds_them():
