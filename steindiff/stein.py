@@ -54,6 +54,7 @@ __all__ = [
     "probe_stack",
     "stein_update",
     "variant_settings",
+    "vjp_products",
     "vp_alpha",
 ]
 
@@ -240,11 +241,16 @@ def divergence(
             total = total + vjp.flatten(1)[:, j].to(torch.float64)
         return DivergenceEstimate(total, 0.0)
     v = probe_stack(x, kind, probes, generator)
+    return hutchinson(v, vjp_products(t, x, v, batched), identity)
+
+
+def vjp_products(t: torch.Tensor, x: torch.Tensor, v: torch.Tensor, batched: bool = False) -> torch.Tensor:
+    """J^T v for each of the K probes ``v`` (K, B, ...), through ``t = T(x)`` computed with ``requires_grad``:
+    K backward passes, or with ``batched`` one vectorised backward."""
     if batched:
         (vjps,) = torch.autograd.grad(t, x, grad_outputs=v, retain_graph=True, is_grads_batched=True)
-    else:
-        vjps = torch.stack([torch.autograd.grad(t, x, grad_outputs=p, retain_graph=True)[0] for p in v])
-    return hutchinson(v, vjps, identity)
+        return vjps
+    return torch.stack([torch.autograd.grad(t, x, grad_outputs=p, retain_graph=True)[0] for p in v])
 
 
 def vp_alpha(sigma: float) -> float:

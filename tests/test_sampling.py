@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from steindiff import DiagnosticsConfig, SteinConfig, compare, initial_noise, load_model, make_sigmas, sample
+from steindiff import DiagnosticsConfig, SteinConfig, compare, initial_noise, load_model, make_sigmas, sample, sampling
 
 REQUIRED = {"sigma", "sigma_next", "gamma_raw", "gamma", "s_xu", "s_uu", "s_div", "lipschitz_max", "err_ref", "nfe"}
 
@@ -56,6 +56,36 @@ def test_the_runs_share_their_identical_first_call_and_nothing_else(products, ca
         alone = sample(model, x, sigmas, "dpmpp_2m", stein=config, diagnostics=none, seed=2)
         assert torch.equal(run.samples, alone.samples)
         assert [r.gamma_raw for r in run.trace] == [r.gamma_raw for r in alone.trace]
+
+
+@pytest.mark.parametrize(
+    ("model_name", "solver", "probe", "products"),
+    [
+        ("gmm-ring", "dpmpp_3m", "rademacher", "vjp"),
+        ("gmm-ring", "heun", "exact", "vjp"),
+        ("mlp-ring", "unipc", "gaussian", "vjp-batched"),
+        ("mnist", "dpmpp_2m", "rademacher", "vjp"),
+    ],
+)
+def test_vjp_probes_in_chunks_give_the_whole_batchs_run(monkeypatch, model_name, solver, probe, products):
+    """On the CPU the VJP probes go through the step in chunks of samples, each its own graph: the same
+    samples, statistics and NFE as one graph of the whole batch (float rounding apart)."""
+    model = load_model(model_name)
+    sigmas = make_sigmas("karras", 4, model.sigma_min, model.sigma_max)
+    dtype = torch.float64 if model.exact else torch.float32
+    x = initial_noise(20, model.event_shape, float(sigmas[0]), seed=4, dtype=dtype)
+    config = SteinConfig(probe=probe, probes=2, products=products)
+    none = DiagnosticsConfig(lipschitz=False, reference=False)
+    runs = {}
+    for chunk in (20, 7):  # one graph; three (7 + 7 + 6)
+        monkeypatch.setattr(sampling, "VJP_CPU_CHUNK", chunk)
+        runs[chunk] = sample(model, x, sigmas, solver, stein=config, diagnostics=none, seed=4)
+    whole, chunked = runs[20], runs[7]
+    tolerance = 1e-10 if model.exact else 1e-4
+    assert (whole.samples - chunked.samples).norm() <= tolerance * whole.samples.norm()
+    for a, b in zip(whole.trace, chunked.trace, strict=True):
+        assert a.nfe == b.nfe
+        assert a.s_div == pytest.approx(b.s_div, rel=tolerance) and a.gamma == pytest.approx(b.gamma, rel=tolerance)
 
 
 def test_trace_has_every_quantity_and_serialises():
