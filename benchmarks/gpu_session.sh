@@ -7,7 +7,7 @@
 # would not finish in time (a part cut short is lost):
 #   app      the app's /run compute (benchmarks/app_compute.py, median of 3, each model where the app runs
 #            it; issue 4's GPU figure; about 30 s);
-#   sweep    the mnist sweep pieces that docs/results/mnist-gpu lacks (issue 5), one bench run per solver
+#   sweep    the mnist sweep pieces that docs/results/mnist-sweep lacks (issue 5), one bench run per solver
 #            and schedule with the variants its "done when" names (vanilla, stein, stein-cap1): 2,000
 #            samples, 3 seeds, batch 500, K = 1 (105-119 s each on an H200);
 #   more     the pieces that lack the other variants (stein-safe, sc-noise, sc-lookahead), as runs of their own;
@@ -19,7 +19,7 @@
 # finished part is skipped. After each part OUT_DIR/results.tgz holds everything finished so far, so a call
 # cut short still returns it. Merge the finished sweep folders (NAME.done beside them) into the published
 # sweep, with WORK the unpacked results.tgz, by
-#   python benchmarks/results.py --models '' --skip-cost --merge mnist docs/results/mnist-gpu WORK/mnist-*/ --merge-into mnist-gpu
+#   python benchmarks/results.py --models '' --skip-cost --merge mnist docs/results/mnist-sweep WORK/mnist-*/ --merge-into mnist-sweep
 # Pieces may hold different variants; a cell held twice is refused.
 set -u
 out=${1:?usage: gpu_session.sh OUT_DIR [SECONDS] [PART...]}
@@ -50,7 +50,7 @@ part() { # part NAME LIMIT_S NEED_S COMMAND...: unless done before, or under NEE
 }
 
 missing() { # missing VARIANTS: the solver-schedule pieces of the full sweep whose cells lack one of VARIANTS
-    python3 benchmarks/results.py --missing docs/results/mnist-gpu --variants "$1"
+    python3 benchmarks/results.py --missing docs/results/mnist-sweep --variants "$1"
 }
 
 sweep() { # sweep PIECE SUFFIX VARIANTS: one solver and schedule of the mnist sweep
