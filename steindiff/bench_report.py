@@ -97,7 +97,7 @@ def verdicts(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[
             base = vanilla.get((r["solver"], r["schedule"], r["nfe"]))
             if r["variant"] != variant or base is None:
                 continue
-            run = (r["solver"], r["schedule"], r.get("nfe_realised", r["nfe"]))
+            run = (r["solver"], r["schedule"], r["nfe_realised"])
             if run in seen:
                 repeats += 1
                 continue
