@@ -5,15 +5,18 @@
 #
 # Runs these PARTs, in this order, each under what is left of SECONDS (default 540), and starts none that
 # would not finish in time (a part cut short is lost):
-#   app      the app's /run compute (benchmarks/app_compute.py, median of 3, each model where the app runs
-#            it; issue 4's GPU figure; about 30 s);
+#   roundtrip  the app's /run round trip through gradio_client (benchmarks/app_roundtrip.py, medians of 5;
+#            issue 4's GPU figure). The machines lack gradio: run `python benchmarks/device_wheels.py` here
+#            first and name .whl in the call's carry; without .whl the part is skipped;
+#   app      the app's /run compute alone (benchmarks/app_compute.py, median of 3, each model where the app
+#            runs it; about 30 s);
 #   sweep    the mnist sweep pieces that docs/results/mnist-sweep lacks (issue 5), one bench run per solver
 #            and schedule with the variants its "done when" names (vanilla, stein, stein-cap1): 2,000
 #            samples, 3 seeds, batch 500, K = 1 (105-119 s each on an H200);
 #   more     the pieces that lack the other variants (stein-safe, sc-noise, sc-lookahead), as runs of their own;
 #   cost     the cost table (batch 64, K = 1 and 5, VJP and forward-difference probes; 20 s);
 #   cell50k  one 50,000-sample FD-MNIST cell (63 s on an H200).
-# Default: app sweep more (cost and cell50k were measured on an H200 with the code they describe).
+# Default: roundtrip app sweep more (cost and cell50k were measured on an H200 with the code they describe).
 # Plan one call per lease: a machine left idle is given back within about 30 s, and the next call starts
 # a fresh one, which repeats what the first finished. Parts work in ./gpu-work (ignored by git), where a
 # finished part is skipped. After each part OUT_DIR/results.tgz holds everything finished so far, so a call
@@ -25,7 +28,7 @@ set -u
 out=${1:?usage: gpu_session.sh OUT_DIR [SECONDS] [PART...]}
 deadline=$(($(date +%s) + ${2:-540}))
 shift $(($# > 1 ? 2 : 1))
-parts=" ${*:-app sweep more} "
+parts=" ${*:-roundtrip app sweep more} "
 work=gpu-work
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 HF_HUB_OFFLINE=1
@@ -63,6 +66,14 @@ sweep() { # sweep PIECE SUFFIX VARIANTS: one solver and schedule of the mnist sw
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
     "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } >"$work/device.txt" 2>&1
 cat "$work/device.txt"
+if [[ $parts == *" roundtrip "* ]]; then
+    if [[ -d .whl ]] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/app-site .whl/*.whl; then
+        part app_roundtrip 150 60 env PYTHONPATH=/tmp/app-site python3 benchmarks/app_roundtrip.py --repeats 5
+    else
+        echo "skipped app_roundtrip: no .whl to install (python benchmarks/device_wheels.py here, then carry .whl)"
+    fi
+fi
 [[ $parts == *" app "* ]] && part app_compute 90 40 python3 benchmarks/app_compute.py --repeats 3
 if [[ $parts == *" sweep "* ]]; then for piece in $(missing $required); do sweep "$piece" "" $required; done; fi
 if [[ $parts == *" more "* ]]; then for piece in $(missing $others); do sweep "$piece" -more $others; done; fi
