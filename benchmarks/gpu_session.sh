@@ -71,7 +71,7 @@ if [[ $parts == *" roundtrip "* ]]; then
         --target /tmp/app-site .whl/*.whl; then
         part app_roundtrip 150 60 env PYTHONPATH=/tmp/app-site python3 benchmarks/app_roundtrip.py --repeats 5
     else
-        echo "skipped app_roundtrip: no .whl to install (python benchmarks/device_wheels.py here, then carry .whl)"
+        echo "skipped app_roundtrip: no .whl, or it did not install (python benchmarks/device_wheels.py here; carry .whl)"
     fi
 fi
 [[ $parts == *" app "* ]] && part app_compute 90 40 python3 benchmarks/app_compute.py --repeats 3
