@@ -94,6 +94,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: seconds gradio's queue sleeps between looks for a new request (gradio 6: 1 ms, and no public setting). Its
+#: loop runs through every request too: at 1 ms it kept 5% of a core busy with the server idle and, on the
+#: 2-core CPU, kept taking a core from torch's two threads; a new mnist seed's round trip took 3.07-3.59 s
+#: against 2.85-3.07 s at 10 ms, alternately (docs/app-performance.md). A request waits at most this long.
+QUEUE_POLL_S = 0.01
+
+
 @dataclass
 class Shown:
     """What a run left for the step scrubber: the result and the step being shown."""
@@ -387,6 +394,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         dice.click(lambda: random.randrange(2**31), None, seed, api_name=False)
         demo.load(from_url, None, controls, api_name=False)
     demo.queue(default_concurrency_limit=1, max_size=64)
+    demo._queue.sleep_when_free = QUEUE_POLL_S  # gradio's private setting: test_app fails if gradio stops reading it
     return demo
 
 

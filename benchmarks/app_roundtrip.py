@@ -8,7 +8,8 @@ the spread of the round trips (the output files downloaded, as a browser fetches
 call, for the calls of ``app_compute.call_plans``: the same seed again (everything cached), the same seed
 on a new grid (the reference solution reused), a new seed (the reference solved). The server is its own
 process, with torch's default threads unless OMP_NUM_THREADS is set; a client in the server's process
-would compete with it for the interpreter lock. Not a test: the figures depend on the machine.
+would compete with it for the interpreter lock. Before the calls it prints the share of a core the idle server
+uses (Linux). Not a test: the figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -47,6 +48,25 @@ def _connect(url: str, server: subprocess.Popen, timeout_s: float = 300) -> Clie
             time.sleep(0.5)
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time a process has used so far (Linux: /proc; None elsewhere)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists():
+        return None
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: the state is field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15
+
+
+def _idle_share(pid: int, seconds: float = 5.0) -> str:
+    """The share of a core the process uses over ``seconds`` with nothing asked of it."""
+    before = _cpu_seconds(pid)
+    time.sleep(seconds)
+    after = _cpu_seconds(pid)
+    if before is None or after is None:
+        return "not measured (no /proc)"
+    return f"{100 * (after - before) / seconds:.1f}% of a core over {seconds:.0f} s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
@@ -58,6 +78,7 @@ def main() -> None:
         client = _connect(f"http://127.0.0.1:{port}/", server)
         threads = os.environ.get("OMP_NUM_THREADS", f"torch's default ({os.cpu_count()} cores)")
         print(f"server: python app.py, torch threads: {threads}")
+        print(f"server idle: {_idle_share(server.pid)}")
         for name, case in CASES.items():
             settings = {**BASE, **case}  # in the order of app.SETTINGS
             client.predict(*settings.values(), api_name="/run")  # warm-up: model load, first-call overheads

@@ -1,10 +1,12 @@
 """The Gradio app: callbacks as functions, and a launched server called with gradio_client."""
 
+import inspect
 import json
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import gradio as gr
 import pytest
 from gradio_client import Client
 
@@ -43,6 +45,16 @@ def test_the_form_starts_at_the_run_endpoints_defaults():
     demo = app.make_app(ModelCatalog())
     run = next(fn for fn in demo.fns.values() if fn.api_name == "run")
     assert [component.value for component in run.inputs] == [value for _, value in app.SETTINGS]
+
+
+def test_the_queue_looks_for_requests_every_10_ms():
+    """gradio's queue loop wakes every 1 ms, which takes CPU from torch on a small machine (app.QUEUE_POLL_S).
+    The app sets gradio's private attribute, so this fails if gradio's loop stops reading it."""
+    from gradio.queueing import Queue
+
+    assert "await asyncio.sleep(self.sleep_when_free)" in inspect.getsource(Queue.start_processing)
+    gradio_default = gr.Blocks().queue()._queue.sleep_when_free
+    assert app.make_app(ModelCatalog())._queue.sleep_when_free == app.QUEUE_POLL_S > gradio_default
 
 
 def test_named_rule_sets_the_correction_and_ignores_the_custom_clip():
