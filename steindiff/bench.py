@@ -1,7 +1,7 @@
 """The benchmark sweep: quality, error to the reference, NFE and time for every solver x schedule x NFE x variant.
 
 Samples are made in blocks of ``batch`` consecutive sample indices. Sample i of seed s starts from the
-noise of (s, i) alone (:func:`steindiff.sampling.initial_noise`) and block b draws its Hutchinson
+noise of (s, i) alone (:func:`steindiff.noise.initial_noise`) and block b draws its Hutchinson
 probes from (s, b), so every block is the same computation whatever process runs it: under
 ``torchrun`` rank r takes blocks r, r + W, r + 2W, ...; the per-sample features are gathered in block
 order and scored once, so W processes give the single-process numbers. The batch-statistic
@@ -27,9 +27,11 @@ import torch
 
 from .denoisers import Denoiser, set_layout
 from .distributed import Shard, gather
+from .noise import initial_noise
 from .quality import QualityMetric
+from .records import DiagnosticsConfig, RunResult
 from .reference import flow_map
-from .sampling import DiagnosticsConfig, RunResult, initial_noise, sample, takes_functorch
+from .sampling import sample, takes_functorch
 from .schedules import SCHEDULES, make_sigmas
 from .solvers import get_solver
 from .stein import STEIN_VARIANTS, ProbeProducts, SteinConfig

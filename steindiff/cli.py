@@ -28,7 +28,7 @@ from .experiment import Experiment, Limits, ModelCatalog, check_device, run_expe
 from .images import image_grid, save_png, side_by_side
 from .metrics import train_classifier
 from .quality import quality_metric
-from .sampling import DiagnosticsConfig
+from .records import DiagnosticsConfig
 from .schedules import SCHEDULES
 from .solvers import SOLVERS, SolverOptions
 from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, PROBE_PRODUCTS, STEIN_VARIANTS, SteinConfig, variant_settings

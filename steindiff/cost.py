@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from .denoisers import Denoiser, load_model, set_layout
-from .sampling import DiagnosticsConfig, initial_noise, sample, takes_functorch
+from .noise import initial_noise
+from .records import DiagnosticsConfig
+from .sampling import sample, takes_functorch
 from .schedules import make_sigmas
 from .solvers import get_solver
 from .stein import STEIN_VARIANTS, SteinConfig

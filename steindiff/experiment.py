@@ -13,8 +13,10 @@ import torch
 from .denoisers import MODELS, Denoiser, load_denoiser, load_model, set_layout
 from .denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
 from .metrics import DIGIT_SHAPE, load_classifier, score_digits
+from .noise import initial_noise
+from .records import Comparison, DiagnosticsConfig, StepRecord
 from .reference import FlowSolution
-from .sampling import Comparison, DiagnosticsConfig, StepRecord, compare, initial_noise, takes_functorch
+from .sampling import compare, takes_functorch
 from .schedules import SCHEDULES, make_sigmas
 from .solvers import SOLVERS, SolverOptions, get_solver
 from .stein import SteinConfig

@@ -12,7 +12,7 @@ import torch
 
 from .denoisers import DEFAULT_IMAGE_MODEL
 from .experiment import Experiment, Limits, ModelCatalog
-from .sampling import DiagnosticsConfig
+from .records import DiagnosticsConfig
 from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, SteinConfig, variant_settings
 
 __all__ = ["CUSTOM_RULE", "DEFAULT_RULE", "DEVICE", "LIMITS", "SETTINGS", "build_experiment", "model_device"]

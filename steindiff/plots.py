@@ -14,7 +14,7 @@ from plotly.subplots import make_subplots
 
 from .experiment import ExperimentResult
 from .images import image_grid
-from .sampling import RunResult
+from .records import RunResult
 
 __all__ = ["diagnostics_figure", "image_views", "particles_figure", "steps_csv", "summary_markdown"]
 

@@ -3,162 +3,32 @@
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict
 
-import numpy as np
 import torch
 
 from .denoisers.base import CountingDenoiser, DenoiseFn, Denoiser
-from .diagnostics import JacobianMode, krylov_start, lipschitz_bound, local_lipschitz, mean_distance
+from .diagnostics import JacobianMode, mean_distance
 from .finite_difference import fd_step
-from .lockstep import DenoiserMap, lockstep
-from .reference import LATTICE_METHODS, FlowSolution, LatticeMethod, flow_map, solve_for_grid
+from .noise import PROBE_STREAM, stream_generator
+from .records import Comparison, DiagnosticsConfig, RunResult, StepRecord
+from .reference import FlowSolution, solve_for_grid
 from .solvers import SolverOptions, SolverSpec, StepResult, get_solver, with_lookahead
 from .stein import (
     DivergenceEstimate,
     SteinConfig,
     SteinStats,
-    combine,
     divergence,
     hutchinson,
     probe_stack,
     stein_update,
     vjp_products,
 )
+from .step_lipschitz import MapAtStep, measure_lipschitz
 
-__all__ = [
-    "Comparison",
-    "DiagnosticsConfig",
-    "RunResult",
-    "StepRecord",
-    "compare",
-    "initial_noise",
-    "sample",
-    "sample_seed",
-    "takes_functorch",
-]
-
-
-@dataclass(frozen=True)
-class DiagnosticsConfig:
-    """What to measure at each step besides the Stein statistics.
-
-    lipschitz: local Lipschitz constant of the applied step map (Krylov estimate, a lower bound) on
-        the first ``lipschitz_samples`` samples, plus, along runs that apply the solver's own step, that
-        of the denoiser, for the paper's bound. ``lipschitz_batch``: the most samples one batched
-        estimate takes (every step's maps at once, see ``_measure_lipschitz``); memory grows with it.
-    flow_lipschitz: also that of the exact ODE flow between the same noise levels (exact models only).
-    reference: error of every state to the reference ODE solution from the same noise, on the first
-        ``reference_samples`` samples (all when None), integrated by ``reference_method`` ("rk4", or
-        "dpmpp_3m": one network call a step instead of four, third order; ``steindiff.reference``).
-        ``reference_log_step`` is its step in log sigma; None picks 0.025 for exact models (exact to
-        ~1e-7) and 0.1 for trained networks. The segment into sigma = 0 is integrated down to
-        ``reference_floor_ratio`` times the last positive sigma and finished by a denoising step; 1
-        denoises at the last sigma directly, as the solvers do.
-    """
-
-    lipschitz: bool = True
-    lipschitz_samples: int = 8
-    lipschitz_iters: int = 20
-    lipschitz_batch: int = 64
-    flow_lipschitz: bool = True
-    flow_log_step: float = 0.1
-    jacobian_mode: JacobianMode = "vjp2"
-    reference: bool = True
-    reference_samples: int | None = None
-    reference_log_step: float | None = None
-    reference_floor_ratio: float = 0.01
-    reference_method: LatticeMethod = "rk4"
-
-    def __post_init__(self) -> None:
-        if self.lipschitz_samples < 1 or self.lipschitz_iters < 1 or self.lipschitz_batch < 1:
-            raise ValueError("lipschitz_samples, lipschitz_iters and lipschitz_batch must be >= 1")
-        if not self.flow_log_step > 0 or (self.reference_log_step is not None and not self.reference_log_step > 0):
-            raise ValueError("flow_log_step and reference_log_step must be > 0")
-        if self.reference_samples is not None and self.reference_samples < 1:
-            raise ValueError("reference_samples must be >= 1")
-        if not 0 < self.reference_floor_ratio <= 1:
-            raise ValueError("reference_floor_ratio must be in (0, 1]")
-        if self.reference_method not in LATTICE_METHODS:
-            raise ValueError(f"reference_method must be one of {LATTICE_METHODS}, got {self.reference_method!r}")
-
-
-@dataclass
-class StepRecord:
-    """One step of one run. Stein fields are None when no statistics were computed."""
-
-    step: int
-    sigma: float
-    sigma_next: float
-    nfe: int
-    time_s: float
-    gamma_raw: float | None = None
-    gamma: float = 1.0
-    s_xu: float | None = None
-    s_uu: float | None = None
-    s_div: float | None = None
-    s_div_se: float | None = None
-    gamma_se: float | None = None
-    lipschitz_max: float | None = None
-    lipschitz_median: float | None = None
-    lipschitz_denoiser_max: float | None = None
-    bound_paper: float | None = None
-    lipschitz_flow_max: float | None = None
-    err_ref: float | None = None
-    finite: bool = True
-    diagnostics_time_s: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: non-finite numbers become None (see ``finite`` and the raw gamma's sign)."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
-
-
-@dataclass
-class RunResult:
-    """A finished run: final samples, the per-step trace, NFE, and (optionally) all states."""
-
-    label: str
-    samples: torch.Tensor
-    trace: list[StepRecord]
-    nfe_total: int
-    states: list[torch.Tensor] = field(default_factory=list)
-    denoised: list[torch.Tensor] = field(default_factory=list)
-    final_err_ref: float | None = None
-
-    @property
-    def first_nonfinite_step(self) -> int | None:
-        """Index of the first step whose output had a NaN or infinite value, if any."""
-        return next((r.step for r in self.trace if not r.finite), None)
-
-    def summary(self) -> dict[str, Any]:
-        """The JSON form: ``trace``, ``final`` and ``nfe_total``."""
-        final_err = self.final_err_ref
-        nonfinite = int((~torch.isfinite(self.samples.flatten(1))).any(1).sum())
-        return {
-            "trace": [r.as_dict() for r in self.trace],
-            "final": {
-                "err_ref": final_err if final_err is not None and math.isfinite(final_err) else None,
-                "nonfinite_samples": nonfinite,
-                "first_nonfinite_step": self.first_nonfinite_step,
-            },
-            "nfe_total": self.nfe_total,
-        }
-
-
-@dataclass
-class Comparison:
-    """Vanilla and corrected runs of one solver from the same noise, and the shared reference: its states
-    on the grid, from the ODE solution ``flow`` (which serves any grid over the same noise)."""
-
-    sigmas: list[float]
-    vanilla: RunResult
-    stein: RunResult | None
-    reference: list[torch.Tensor] | None
-    flow: FlowSolution | None = None
+__all__ = ["compare", "sample", "takes_functorch"]
 
 
 def takes_functorch(products: str | None, jacobian_mode: JacobianMode = "vjp2") -> bool:
@@ -168,57 +38,12 @@ def takes_functorch(products: str | None, jacobian_mode: JacobianMode = "vjp2") 
     return products == "vjp-batched" or jacobian_mode == "jvp"
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """Seed of sample ``index`` in run ``seed``: each sample's noise depends only on (seed, index)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
-
-
-def initial_noise(
-    batch: int,
-    event_shape: Sequence[int],
-    sigma: float,
-    seed: int,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    first_index: int = 0,
-) -> torch.Tensor:
-    """x_T = sigma * eps with eps drawn per sample on the CPU: the same whatever the batch size or device."""
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    gen = torch.Generator()
-    shape = tuple(event_shape)
-    eps = torch.stack(
-        [
-            torch.randn(shape, generator=gen.manual_seed(sample_seed(seed, first_index + i)), dtype=torch.float64)
-            for i in range(batch)
-        ]
-    )
-    return (sigma * eps).to(dtype=dtype, device=device)
-
-
-def _generator(seed: int, *stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]))
-
-
-PROBE_STREAM, LIPSCHITZ_STREAM = 1, 2
-
-
 def _grid(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
     """The noise levels as Python floats, checked: strictly decreasing, at least two, none negative."""
     grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     if len(grid) < 2 or any(b >= a for a, b in itertools.pairwise(grid)) or grid[-1] < 0:
         raise ValueError("sigmas must be a strictly decreasing grid of at least two non-negative levels")
     return grid
-
-
-@dataclass(frozen=True)
-class _MapAtStep:
-    """What the Lipschitz estimate of one run's applied map at one step needs (first samples only)."""
-
-    x: torch.Tensor
-    history: tuple[torch.Tensor, ...]
-    gamma: torch.Tensor | None  # the applied coefficient (0-d or per sample), None for the plain step
-    scale: float
 
 
 def sample(
@@ -259,7 +84,8 @@ def sample(
         callback=callback,
     )
     if diagnostics.lipschitz:
-        _measure_lipschitz(denoiser, [(run, maps, _applied_spec(solver, stein))], sigmas, options, diagnostics, seed)
+        runs = [(run, maps, _applied_spec(solver, stein))]
+        measure_lipschitz(denoiser, runs, _grid(sigmas), options, diagnostics, seed)
     return run
 
 
@@ -283,13 +109,13 @@ def _integrate(
     keep_states: bool = True,
     label: str | None = None,
     callback: Callable[[StepRecord, torch.Tensor], None] | None = None,
-) -> tuple[RunResult, list[_MapAtStep | None]]:
+) -> tuple[RunResult, list[MapAtStep | None]]:
     """The sampling loop; also returns, per step, what the Lipschitz post-pass needs."""
     spec = _applied_spec(solver, stein)
     options = options or SolverOptions()
     grid = _grid(sigmas)
     counter = CountingDenoiser(denoiser)
-    probe_gen = _generator(seed, PROBE_STREAM)
+    probe_gen = stream_generator(seed, PROBE_STREAM)
     history: tuple[torch.Tensor, ...] = ()
     states, denoised_list, trace, maps = [x.detach()], [], [], []
     for k in range(len(grid) - 1):
@@ -318,7 +144,7 @@ def _integrate(
             n = min(diagnostics.lipschitz_samples, x.shape[0])
             gamma = stats.applied if stats is not None and stein.apply else None
             maps.append(
-                _MapAtStep(
+                MapAtStep(
                     x[:n].detach(),
                     tuple(h[:n] for h in history),
                     gamma[:n] if gamma is not None and gamma.ndim == 1 else gamma,
@@ -425,124 +251,6 @@ def _step_with_vjp_probes(
     return result, hutchinson(v, torch.cat(products, dim=1), identity)
 
 
-@dataclass(frozen=True)
-class _LipschitzJob:
-    """One Jacobian norm to estimate: the map ``fn`` at the states ``x``, for a field of ``record``."""
-
-    fn: DenoiserMap
-    x: torch.Tensor
-    stream: tuple[int, ...]  # of the Krylov start vectors
-    record: StepRecord
-    quantity: Literal["step", "denoiser", "flow"]
-
-
-def _measure_lipschitz(
-    denoiser: Denoiser,
-    runs: list[tuple[RunResult, list[_MapAtStep | None], SolverSpec]],
-    sigmas: Sequence[float] | torch.Tensor,
-    options: SolverOptions | None,
-    config: DiagnosticsConfig,
-    seed: int,
-) -> None:
-    """Fill the Lipschitz fields of every run's trace: every estimate at once, in lockstep.
-
-    At each step of each run: the applied step map; for exact models the exact flow between the same
-    noise levels; and, along runs that apply the solver's own step map, the denoiser, for the paper's
-    bound (not at the step into sigma = 0, where the bound is infinite). These maps are independent, so
-    one Krylov estimate of their block-diagonal joint map, whose network calls run as one batched call a
-    round (:func:`steindiff.lockstep.lockstep`), gives all of them, in groups of at most
-    ``config.lipschitz_batch`` samples. Each map keeps its own start vectors, so the estimates do not
-    depend on the grouping (to float rounding). Forward-mode AD is per thread: with ``jacobian_mode``
-    "jvp" every map is estimated alone. A step's ``diagnostics_time_s`` is its maps' share (by samples)
-    of the time of the groups they ran in.
-    """
-    options = options or SolverOptions()
-    grid = _grid(sigmas)
-    jobs = []
-    for k in range(len(grid) - 1):
-        for index, (run, maps, spec) in enumerate(runs):
-            m, record = maps[k], run.trace[k]
-            if m is None:
-                continue
-            jobs.append(_LipschitzJob(_step_map(spec, grid, k, m, options), m.x, (k, 0, index), record, "step"))
-            if config.flow_lipschitz and denoiser.exact:
-                flow = _flow_map(grid[k], grid[k + 1], config.flow_log_step)
-                jobs.append(_LipschitzJob(flow, m.x, (k, 2, index), record, "flow"))
-            if m.gamma is None and grid[k + 1] == 0:
-                record.bound_paper = math.inf
-            elif m.gamma is None:
-                jobs.append(_LipschitzJob(_denoiser_map(grid[k]), m.x, (k, 1, index), record, "denoiser"))
-    limit = 0 if config.jacobian_mode == "jvp" else config.lipschitz_batch
-    for group in _groups(jobs, limit):
-        start = time.perf_counter()
-        x = torch.cat([job.x for job in group])
-        w = torch.cat([krylov_start(job.x, _generator(seed, LIPSCHITZ_STREAM, *job.stream)) for job in group])
-        joint = lockstep(denoiser, [job.fn for job in group], [len(job.x) for job in group])
-        constants = local_lipschitz(joint, x, config.lipschitz_iters, mode=config.jacobian_mode, start=w)
-        elapsed = time.perf_counter() - start
-        for job, part in zip(group, _slices([len(job.x) for job in group]), strict=True):
-            _record(job, constants[part])
-            job.record.diagnostics_time_s += elapsed * len(job.x) / len(x)
-
-
-def _step_map(spec: SolverSpec, grid: list[float], k: int, m: _MapAtStep, options: SolverOptions) -> DenoiserMap:
-    """The applied map of step k, (1 - gamma) scale z + gamma T(z), with the run's history held fixed."""
-    gamma = _per_sample(m.gamma, len(m.x), m.x)
-
-    def step_map(denoise: DenoiseFn, z: torch.Tensor) -> torch.Tensor:
-        return combine(z, spec.step(denoise, z, grid, k, m.history, options).x_next, gamma, m.scale)
-
-    return step_map
-
-
-def _flow_map(sigma: float, sigma_next: float, log_step: float) -> DenoiserMap:
-    """The exact ODE flow from sigma to sigma_next (exact models)."""
-    return lambda denoise, z: flow_map(denoise, z, sigma, sigma_next, max_log_step=log_step)
-
-
-def _denoiser_map(sigma: float) -> DenoiserMap:
-    """z -> D(z, sigma)."""
-    return lambda denoise, z: denoise(z, torch.tensor(sigma, dtype=z.dtype, device=z.device))
-
-
-def _groups(jobs: list[_LipschitzJob], max_samples: int) -> list[list[_LipschitzJob]]:
-    """Consecutive jobs packed into groups of at most ``max_samples`` samples (each job alone when 0)."""
-    groups: list[list[_LipschitzJob]] = []
-    size = 0
-    for job in jobs:
-        if not groups or size + len(job.x) > max_samples:
-            groups.append([])
-            size = 0
-        groups[-1].append(job)
-        size += len(job.x)
-    return groups
-
-
-def _record(job: _LipschitzJob, constants: torch.Tensor) -> None:
-    """Write a job's per-sample Lipschitz constants into its step record."""
-    record = job.record
-    if job.quantity == "step":
-        record.lipschitz_max, record.lipschitz_median = float(constants.max()), float(constants.median())
-    elif job.quantity == "flow":
-        record.lipschitz_flow_max = float(constants.max())
-    else:
-        record.lipschitz_denoiser_max = float(constants.max())
-        record.bound_paper = lipschitz_bound(record.sigma, record.sigma_next, record.lipschitz_denoiser_max)
-
-
-def _slices(lengths: list[int]) -> list[slice]:
-    """The rows of each part in the concatenation of parts of these lengths."""
-    ends = list(itertools.accumulate(lengths))
-    return [slice(end - n, end) for n, end in zip(lengths, ends, strict=True)]
-
-
-def _per_sample(gamma: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
-    """The applied coefficient as an (n,) tensor (1 for the plain step: combine then returns T exactly)."""
-    if gamma is None:
-        return torch.ones(n, dtype=torch.float64, device=like.device)
-    return gamma.to(torch.float64).expand(n) if gamma.ndim == 0 else gamma.to(torch.float64)
-
-
 class _SharedFirstCall:
     """Runs from the same noise begin with the same network call: D at sigma_0 of x_0 (and, with
     forward-difference probes, of the same probe states). A later run whose call is identical to the
@@ -605,7 +313,7 @@ def compare(
     observer = SteinConfig(**{**asdict(stein), "apply": False, "lookahead": False}) if observe else None
     shared = _SharedFirstCall(denoiser)
 
-    def run(config: SteinConfig | None, label: str) -> tuple[RunResult, list[_MapAtStep | None], SolverSpec]:
+    def run(config: SteinConfig | None, label: str) -> tuple[RunResult, list[MapAtStep | None], SolverSpec]:
         hook = (lambda record, _x: callback(label, record)) if callback else None
         return *_integrate(
             shared,
@@ -623,6 +331,6 @@ def compare(
 
     runs = [run(observer, "vanilla")] + ([run(stein, "stein")] if stein is not None else [])
     if diagnostics.lipschitz:
-        _measure_lipschitz(denoiser, runs, grid, options, diagnostics, seed)
+        measure_lipschitz(denoiser, runs, grid, options, diagnostics, seed)
     vanilla, corrected = runs[0][0], (runs[1][0] if len(runs) > 1 else None)
     return Comparison(grid, vanilla, corrected, reference, flow)

@@ -21,8 +21,8 @@ from steindiff.cost import cost_cases, measure_cost
 from steindiff.denoisers import load_model
 from steindiff.distributed import Shard
 from steindiff.metrics import load_classifier, score_digits
+from steindiff.noise import initial_noise
 from steindiff.quality import DigitQuality, PointQuality, quality_metric, sliced_wasserstein
-from steindiff.sampling import initial_noise
 from steindiff.stein import divergence
 
 ALONE = Shard(0, 1, "cpu")

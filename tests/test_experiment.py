@@ -4,7 +4,7 @@ import torch
 
 from steindiff import initial_noise, load_model
 from steindiff.experiment import Experiment, ModelCatalog, run_experiment
-from steindiff.sampling import DiagnosticsConfig
+from steindiff.records import DiagnosticsConfig
 from steindiff.stein import SteinConfig
 
 

@@ -14,7 +14,7 @@ from steindiff.denoisers import WeightsError  # noqa: E402
 from steindiff.denoisers.hub import HubDenoiser, load_diffusers  # noqa: E402
 from steindiff.diagnostics import jacobian_rows, local_lipschitz  # noqa: E402
 from steindiff.experiment import Experiment, ModelCatalog  # noqa: E402
-from steindiff.sampling import DiagnosticsConfig  # noqa: E402
+from steindiff.records import DiagnosticsConfig  # noqa: E402
 
 F64 = torch.float64
 

@@ -6,8 +6,8 @@ import torch
 
 from steindiff import initial_noise, load_model
 from steindiff.denoisers import CountingDenoiser
+from steindiff.records import DiagnosticsConfig
 from steindiff.reference import KEPT_GRIDS, OFF_LATTICE_ELEMENTS, flow_map, solve_flow, solve_for_grid
-from steindiff.sampling import DiagnosticsConfig
 from steindiff.schedules import make_sigmas
 
 F64 = torch.float64

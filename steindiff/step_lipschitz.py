@@ -1,0 +1,159 @@
+"""Local Lipschitz constants of the maps a run applied: every step of every run, estimated together.
+
+At each step the applied step map (the solver's step, or its Stein combination, with the run's history
+held fixed), the exact flow between the same noise levels (exact models), and the denoiser (for the
+paper's bound): one Krylov estimate (:func:`steindiff.diagnostics.local_lipschitz`) of their
+block-diagonal joint map, whose network calls run batched (:mod:`steindiff.lockstep`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .denoisers.base import DenoiseFn, Denoiser
+from .diagnostics import krylov_start, lipschitz_bound, local_lipschitz
+from .lockstep import DenoiserMap, lockstep
+from .noise import LIPSCHITZ_STREAM, stream_generator
+from .records import DiagnosticsConfig, RunResult, StepRecord
+from .reference import flow_map
+from .solvers import SolverOptions, SolverSpec
+from .stein import combine
+
+__all__ = ["MapAtStep", "measure_lipschitz"]
+
+
+@dataclass(frozen=True)
+class MapAtStep:
+    """What the Lipschitz estimate of one run's applied map at one step needs (first samples only): the
+    state, the history held fixed, the applied coefficient and the scale of the combination."""
+
+    x: torch.Tensor
+    history: tuple[torch.Tensor, ...]
+    gamma: torch.Tensor | None  # the applied coefficient (0-d or per sample), None for the plain step
+    scale: float
+
+
+@dataclass(frozen=True)
+class _LipschitzJob:
+    """One Jacobian norm to estimate: the map ``fn`` at the states ``x``, for a field of ``record``."""
+
+    fn: DenoiserMap
+    x: torch.Tensor
+    stream: tuple[int, ...]  # of the Krylov start vectors
+    record: StepRecord
+    quantity: Literal["step", "denoiser", "flow"]
+
+
+def measure_lipschitz(
+    denoiser: Denoiser,
+    runs: Sequence[tuple[RunResult, Sequence[MapAtStep | None], SolverSpec]],
+    grid: list[float],
+    options: SolverOptions | None,
+    config: DiagnosticsConfig,
+    seed: int,
+) -> None:
+    """Fill the Lipschitz fields of every run's trace (each run with its maps a step, None where a step is
+    not measured, and the solver it applied) on the checked grid of noise levels: every estimate at once, in
+    lockstep.
+
+    At each step of each run: the applied step map; for exact models the exact flow between the same
+    noise levels; and, along runs that apply the solver's own step map, the denoiser, for the paper's
+    bound (not at the step into sigma = 0, where the bound is infinite). These maps are independent, so
+    one Krylov estimate of their block-diagonal joint map, whose network calls run as one batched call a
+    round (:func:`steindiff.lockstep.lockstep`), gives all of them, in groups of at most
+    ``config.lipschitz_batch`` samples. Each map keeps its own start vectors, so the estimates do not
+    depend on the grouping (to float rounding). Forward-mode AD is per thread: with ``jacobian_mode``
+    "jvp" every map is estimated alone. A step's ``diagnostics_time_s`` is its maps' share (by samples)
+    of the time of the groups they ran in.
+    """
+    options = options or SolverOptions()
+    jobs = []
+    for k in range(len(grid) - 1):
+        for index, (run, maps, spec) in enumerate(runs):
+            m, record = maps[k], run.trace[k]
+            if m is None:
+                continue
+            jobs.append(_LipschitzJob(_step_map(spec, grid, k, m, options), m.x, (k, 0, index), record, "step"))
+            if config.flow_lipschitz and denoiser.exact:
+                flow = _flow_map(grid[k], grid[k + 1], config.flow_log_step)
+                jobs.append(_LipschitzJob(flow, m.x, (k, 2, index), record, "flow"))
+            if m.gamma is None and grid[k + 1] == 0:
+                record.bound_paper = math.inf
+            elif m.gamma is None:
+                jobs.append(_LipschitzJob(_denoiser_map(grid[k]), m.x, (k, 1, index), record, "denoiser"))
+    limit = 0 if config.jacobian_mode == "jvp" else config.lipschitz_batch
+    for group in _groups(jobs, limit):
+        start = time.perf_counter()
+        x = torch.cat([job.x for job in group])
+        w = torch.cat([krylov_start(job.x, stream_generator(seed, LIPSCHITZ_STREAM, *job.stream)) for job in group])
+        joint = lockstep(denoiser, [job.fn for job in group], [len(job.x) for job in group])
+        constants = local_lipschitz(joint, x, config.lipschitz_iters, mode=config.jacobian_mode, start=w)
+        elapsed = time.perf_counter() - start
+        for job, part in zip(group, _slices([len(job.x) for job in group]), strict=True):
+            _record(job, constants[part])
+            job.record.diagnostics_time_s += elapsed * len(job.x) / len(x)
+
+
+def _step_map(spec: SolverSpec, grid: list[float], k: int, m: MapAtStep, options: SolverOptions) -> DenoiserMap:
+    """The applied map of step k, (1 - gamma) scale z + gamma T(z), with the run's history held fixed."""
+    gamma = _per_sample(m.gamma, len(m.x), m.x)
+
+    def step_map(denoise: DenoiseFn, z: torch.Tensor) -> torch.Tensor:
+        return combine(z, spec.step(denoise, z, grid, k, m.history, options).x_next, gamma, m.scale)
+
+    return step_map
+
+
+def _flow_map(sigma: float, sigma_next: float, log_step: float) -> DenoiserMap:
+    """The exact ODE flow from sigma to sigma_next (exact models)."""
+    return lambda denoise, z: flow_map(denoise, z, sigma, sigma_next, max_log_step=log_step)
+
+
+def _denoiser_map(sigma: float) -> DenoiserMap:
+    """z -> D(z, sigma)."""
+    return lambda denoise, z: denoise(z, torch.tensor(sigma, dtype=z.dtype, device=z.device))
+
+
+def _groups(jobs: list[_LipschitzJob], max_samples: int) -> list[list[_LipschitzJob]]:
+    """Consecutive jobs packed into groups of at most ``max_samples`` samples (each job alone when 0)."""
+    groups: list[list[_LipschitzJob]] = []
+    size = 0
+    for job in jobs:
+        if not groups or size + len(job.x) > max_samples:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += len(job.x)
+    return groups
+
+
+def _record(job: _LipschitzJob, constants: torch.Tensor) -> None:
+    """Write a job's per-sample Lipschitz constants into its step record."""
+    record = job.record
+    if job.quantity == "step":
+        record.lipschitz_max, record.lipschitz_median = float(constants.max()), float(constants.median())
+    elif job.quantity == "flow":
+        record.lipschitz_flow_max = float(constants.max())
+    else:
+        record.lipschitz_denoiser_max = float(constants.max())
+        record.bound_paper = lipschitz_bound(record.sigma, record.sigma_next, record.lipschitz_denoiser_max)
+
+
+def _slices(lengths: list[int]) -> list[slice]:
+    """The rows of each part in the concatenation of parts of these lengths."""
+    ends = list(itertools.accumulate(lengths))
+    return [slice(end - n, end) for n, end in zip(lengths, ends, strict=True)]
+
+
+def _per_sample(gamma: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The applied coefficient as an (n,) tensor (1 for the plain step: combine then returns T exactly)."""
+    if gamma is None:
+        return torch.ones(n, dtype=torch.float64, device=like.device)
+    return gamma.to(torch.float64).expand(n) if gamma.ndim == 0 else gamma.to(torch.float64)
