@@ -95,7 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 #: seconds gradio's queue sleeps between looks for a new request (gradio 6: 1 ms, and no public setting). Its
-#: loop runs through every request too: at 1 ms it kept 5% of a core busy with the server idle and, on the
+#: loop runs through every request too: at 1 ms it kept 4-5% of a core busy with the server idle and, on the
 #: 2-core CPU, kept taking a core from torch's two threads; a new mnist seed's round trip took 3.07-3.59 s
 #: against 2.85-3.07 s at 10 ms, alternately (docs/app-performance.md). A request waits at most this long.
 QUEUE_POLL_S = 0.01

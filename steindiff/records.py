@@ -21,7 +21,8 @@ class DiagnosticsConfig:
     lipschitz: local Lipschitz constant of the applied step map (Krylov estimate, a lower bound) on
         the first ``lipschitz_samples`` samples, plus, along runs that apply the solver's own step, that
         of the denoiser, for the paper's bound. ``lipschitz_batch``: the most samples one batched
-        estimate takes (every step's maps at once, see ``step_lipschitz.measure_lipschitz``); memory grows with it.
+        estimate takes (every step's maps at once, see ``step_lipschitz.measure_lipschitz``); memory
+        grows with it.
     flow_lipschitz: also that of the exact ODE flow between the same noise levels (exact models only).
     reference: error of every state to the reference ODE solution from the same noise, on the first
         ``reference_samples`` samples (all when None), integrated by ``reference_method`` ("rk4", or
