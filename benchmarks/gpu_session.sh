@@ -11,9 +11,9 @@
 #   app      the app's /run compute alone (benchmarks/app_compute.py, median of 3, each model where the app
 #            runs it; about 30 s);
 #   sweep    the mnist sweep pieces that docs/results/mnist-sweep lacks (issue 5), one bench run per solver
-#            and schedule with the variants its "done when" names (vanilla, stein, stein-cap1): 2,000
-#            samples, 3 seeds, batch 500, K = 1 (105-119 s each on an H200);
-#   more     the pieces that lack the other variants (stein-safe, sc-noise, sc-lookahead), as runs of their own;
+#            and schedule with those of the variants its "done when" names (vanilla, stein, stein-cap1) that
+#            the piece lacks: 2,000 samples, 3 seeds, batch 500, K = 1 (105-119 s each on an H200);
+#   more     the same for the other variants (stein-safe, sc-noise, sc-lookahead), as runs of their own;
 #   cost     the cost table (batch 64, K = 1 and 5, VJP and forward-difference probes; 20 s);
 #   cell50k  one 50,000-sample FD-MNIST cell (63 s on an H200).
 # Default: roundtrip app sweep more (cost and cell50k were measured on an H200 with the code they describe).
@@ -45,14 +45,15 @@ part() { # part NAME LIMIT_S NEED_S COMMAND...: unless done before, or under NEE
     ((left < limit)) && limit=$left
     if ((limit < need)); then echo "skipped $name: $limit s left, $need s needed"; return; fi
     local start=$(date +%s) status
-    timeout "$limit" "$@" >"$work/$name.log" 2>&1
+    timeout "$limit" "$@" </dev/null >"$work/$name.log" 2>&1  # not the input of the loops below
     status=$?
     echo "$name: exit $status after $(($(date +%s) - start)) s"
     ((status == 0)) && touch "$work/$name.done"
     pack
 }
 
-missing() { # missing VARIANTS: the solver-schedule pieces of the full sweep whose cells lack one of VARIANTS
+missing() { # missing VARIANTS: a line "SOLVER-SCHEDULE LACKING" for each piece of the full sweep whose cells
+    # lack some of VARIANTS, LACKING those of them (a merge refuses a cell held twice)
     python3 benchmarks/results.py --missing docs/results/mnist-sweep --variants "$1"
 }
 
@@ -75,8 +76,12 @@ if [[ $parts == *" roundtrip "* ]]; then
     fi
 fi
 [[ $parts == *" app "* ]] && part app_compute 90 40 python3 benchmarks/app_compute.py --repeats 3
-if [[ $parts == *" sweep "* ]]; then for piece in $(missing $required); do sweep "$piece" "" $required; done; fi
-if [[ $parts == *" more "* ]]; then for piece in $(missing $others); do sweep "$piece" -more $others; done; fi
+if [[ $parts == *" sweep "* ]]; then
+    while read -r piece lacking; do sweep "$piece" "" "$lacking"; done < <(missing $required)
+fi
+if [[ $parts == *" more "* ]]; then
+    while read -r piece lacking; do sweep "$piece" -more "$lacking"; done < <(missing $others)
+fi
 [[ $parts == *" cost "* ]] && part cost 90 30 python3 -m steindiff cost --model mnist --solver dpmpp_2m \
     --nfe 5 --batch 64 --variants stein,stein-safe --probes 1,5 --repeats 5 --device cuda
 [[ $parts == *" cell50k "* ]] && part cell50k 120 75 python3 -m steindiff bench --model mnist \

@@ -193,6 +193,27 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
         page.merge("gmm-ring", [tmp_path / first, tmp_path / first], tmp_path / "merged")
 
 
+def test_missing_names_each_piece_with_only_the_variants_it_lacks(tmp_path, monkeypatch, capsys):
+    """benchmarks/results.py --missing, which gpu_session.sh runs pieces from: a later piece must hold only the
+    variants a solver and schedule lack, as a merge refuses a cell held twice."""
+    spec = importlib.util.spec_from_file_location("results_page", ROOT / "benchmarks" / "results.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    held = _ring_config(solvers=("ddim",), nfe=(3,), seeds=(0,), samples=16, variants=("vanilla", "stein-safe"))
+    facts = {"machine": "test", "processes": 1, "wall time": "1 s", "command": "bench"}
+    write_outputs(held, _run(held), tmp_path / "sweep", facts)
+    wanted = "stein-safe,sc-noise,sc-lookahead"
+    monkeypatch.setattr(sys, "argv", ["results.py", "--missing", str(tmp_path / "sweep"), "--variants", wanted])
+    page.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert "ddim-karras sc-noise,sc-lookahead" in lines  # stein-safe is held
+    assert f"heun-logsnr {wanted}" in lines  # a piece not run at all lacks all three
+    assert len(lines) == len(page.FULL["solvers"]) * len(page.FULL["schedules"])
+    monkeypatch.setattr(sys, "argv", ["results.py", "--missing", str(tmp_path / "sweep"), "--variants", "vanilla"])
+    page.main()
+    assert "ddim-karras" not in capsys.readouterr().out
+
+
 def test_markdown_marks_non_finite_and_diverged_cells():
     row = {"solver": "ddim", "schedule": "karras", "nfe": 3, "nfe_realised": 3, "nonfinite": 0, "err_ref": 0.5}
     table = markdown_table(
