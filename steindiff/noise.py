@@ -14,9 +14,14 @@ import torch
 __all__ = ["LIPSCHITZ_STREAM", "PROBE_STREAM", "initial_noise", "sample_seed", "stream_generator"]
 
 
+def _derived_seed(*entropy: int) -> int:
+    """A 64-bit seed from these integers (numpy's SeedSequence): different integers, unrelated seeds."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
+
+
 def sample_seed(seed: int, index: int) -> int:
     """Seed of sample ``index`` in run ``seed``: each sample's noise depends only on (seed, index)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+    return _derived_seed(seed, index)
 
 
 def initial_noise(
@@ -49,4 +54,4 @@ PROBE_STREAM, LIPSCHITZ_STREAM = 1, 2
 def stream_generator(seed: int, *stream: int) -> torch.Generator:
     """A CPU generator for the random numbers of run ``seed`` named by ``stream`` (independent of the
     initial noise and of every other stream)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]))
+    return torch.Generator().manual_seed(_derived_seed(seed, *stream))

@@ -45,6 +45,18 @@ def _ring_config(**changes) -> BenchConfig:
     return BenchConfig(**{**base, **changes})
 
 
+#: the facts of a sweep folder written by a test
+FACTS = {"machine": "test", "processes": 1, "wall time": "1 s", "command": "bench"}
+
+
+def _results_page():
+    """benchmarks/results.py as a module."""
+    spec = importlib.util.spec_from_file_location("results_page", ROOT / "benchmarks" / "results.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    return page
+
+
 def _run(config: BenchConfig):
     model = load_model(config.model)
     return run_bench(config, model, quality_metric(config.model, model), ALONE)
@@ -153,11 +165,8 @@ def test_the_plot_legend_names_every_variant_and_schedule_whichever_panel_holds_
 def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
     """benchmarks/results.py --merge: pieces by solver (and, for one solver, by variant), on two machines
     and merged in two rounds, give the summary of the sweep run at once."""
-    spec = importlib.util.spec_from_file_location("results_page", ROOT / "benchmarks" / "results.py")
-    page = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(page)
+    page = _results_page()
     whole = _ring_config(nfe=(3,), seeds=(0,), samples=32, variants=("vanilla", "stein", "stein-cap1"))
-    facts = {"machine": "test", "processes": 1, "wall time": "1 s", "command": "bench"}
     first, second = whole.solvers
     pieces = {
         first: {"solvers": (first,)},
@@ -167,7 +176,7 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
     for name, changes in pieces.items():
         piece = dataclasses.replace(whole, **changes)
         machine = "other machine" if name.endswith("-more") else "test"
-        write_outputs(piece, _run(piece), tmp_path / name, {**facts, "machine": machine})
+        write_outputs(piece, _run(piece), tmp_path / name, {**FACTS, "machine": machine})
     older = tmp_path / first / "results.json"  # made before `products` replaced `batched_probes`
     document = json.loads(older.read_text())
     document["config"]["batched_probes"] = document["config"].pop("products") == "vjp-batched"
@@ -187,7 +196,7 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
     assert timeless(merged["summary"]) == timeless(json.loads(json.dumps(summarise(_run(whole)))))
     with pytest.raises(SystemExit, match="differ in samples"):
         other = _ring_config(nfe=(3,), seeds=(0,), samples=64, solvers=("heun",))
-        write_outputs(other, _run(other), tmp_path / "other", facts)
+        write_outputs(other, _run(other), tmp_path / "other", FACTS)
         page.merge("gmm-ring", [tmp_path / first, tmp_path / "other"], tmp_path / "merged")
     with pytest.raises(SystemExit, match="more than one folder"):
         page.merge("gmm-ring", [tmp_path / first, tmp_path / first], tmp_path / "merged")
@@ -196,12 +205,9 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
 def test_missing_names_each_piece_with_only_the_variants_it_lacks(tmp_path, monkeypatch, capsys):
     """benchmarks/results.py --missing, which gpu_session.sh runs pieces from: a later piece must hold only the
     variants a solver and schedule lack, as a merge refuses a cell held twice."""
-    spec = importlib.util.spec_from_file_location("results_page", ROOT / "benchmarks" / "results.py")
-    page = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(page)
+    page = _results_page()
     held = _ring_config(solvers=("ddim",), nfe=(3,), seeds=(0,), samples=16, variants=("vanilla", "stein-safe"))
-    facts = {"machine": "test", "processes": 1, "wall time": "1 s", "command": "bench"}
-    write_outputs(held, _run(held), tmp_path / "sweep", facts)
+    write_outputs(held, _run(held), tmp_path / "sweep", FACTS)
     wanted = "stein-safe,sc-noise,sc-lookahead"
     monkeypatch.setattr(sys, "argv", ["results.py", "--missing", str(tmp_path / "sweep"), "--variants", wanted])
     page.main()
