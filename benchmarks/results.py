@@ -215,7 +215,8 @@ def main() -> None:
         "of which lent machines gave us 10 and 15). `mnist (mnist-sweep)` gathers the mnist pieces run so far: "
         "about 2 minutes a solver and schedule on a GPU, on this CPU 65 minutes with the issue's three variants "
         "and 56 with `stein-safe` and `sc-lookahead` (DDIM, Karras), 57 with `sc-lookahead` alone (UniPC, each "
-        "schedule: two runs side by side, one thread each). For UniPC and Heun `sc-lookahead` is `stein-safe`: "
+        "schedule: two runs side by side, one thread each) and 72 (DPM-Solver++(2M) on logSNR, (3M) on Karras). "
+        "For UniPC and Heun `sc-lookahead` is `stein-safe`: "
         "they already correct with their look-ahead evaluation.\n\n"
         + "\n".join(model_section(folder) for folder in folders)
         + "\n## Cost of the correction (mnist, DPM-Solver++(2M), Karras, NFE 5, batch 64)\n\n"
