@@ -23,13 +23,16 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from steindiff.bench import VARIANTS, BenchConfig, CellResult  # noqa: E402
+from steindiff.bench import VARIANTS, BenchConfig, CellResult, stein_config  # noqa: E402
 from steindiff.bench_report import headline, verdicts, write_outputs  # noqa: E402
+from steindiff.solvers import get_solver  # noqa: E402
+from steindiff.stein import SteinConfig  # noqa: E402
 
 DEFAULT_MODELS = "mnist,mlp-ring,mlp-aniso,mlp-moons"
 FULL = {
@@ -56,11 +59,19 @@ def _launcher(processes: int) -> list[str]:
     return [*torchrun, "-m", "steindiff"]
 
 
+def _run_of(solver: str, variant: str) -> SteinConfig | None:
+    """The correction ``variant`` applies on ``solver``, less a look-ahead corrector the solver already has
+    (so on UniPC and Heun `sc-lookahead` and `stein-safe` are one run)."""
+    config = stein_config(variant, probes=1)
+    return replace(config, lookahead=False) if config and get_solver(solver).looks_ahead else config
+
+
 def missing_variants(summary: list[dict], variants: list[str]) -> dict[tuple[str, str], list[str]]:
-    """For each (solver, schedule) of the full sweep whose cells lack some of ``variants``: those variants."""
-    held = {(row["solver"], row["schedule"], row["variant"]) for row in summary}
+    """For each (solver, schedule) of the full sweep whose cells lack some of ``variants``: those variants
+    whose run no variant held for it makes."""
+    held = {(row["solver"], row["schedule"], _run_of(row["solver"], row["variant"])) for row in summary}
     pieces = itertools.product(FULL["solvers"], FULL["schedules"])
-    lacking = {piece: [v for v in variants if (*piece, v) not in held] for piece in pieces}
+    lacking = {piece: [v for v in variants if (*piece, _run_of(piece[0], v)) not in held] for piece in pieces}
     return {piece: missing for piece, missing in lacking.items() if missing}
 
 

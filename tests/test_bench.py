@@ -204,15 +204,17 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
 
 def test_missing_names_each_piece_with_only_the_variants_it_lacks(tmp_path, monkeypatch, capsys):
     """benchmarks/results.py --missing, which gpu_session.sh runs pieces from: a later piece must hold only the
-    variants a solver and schedule lack, as a merge refuses a cell held twice."""
+    variants a solver and schedule lack, as a merge refuses a cell held twice; on a solver with its own
+    look-ahead corrector `stein-safe` is the run `sc-lookahead` makes, so holding one holds both."""
     page = _results_page()
-    held = _ring_config(solvers=("ddim",), nfe=(3,), seeds=(0,), samples=16, variants=("vanilla", "stein-safe"))
+    held = _ring_config(solvers=("ddim", "unipc"), nfe=(3,), seeds=(0,), samples=16, variants=("vanilla", "stein-safe"))
     write_outputs(held, _run(held), tmp_path / "sweep", FACTS)
     wanted = "stein-safe,sc-noise,sc-lookahead"
     monkeypatch.setattr(sys, "argv", ["results.py", "--missing", str(tmp_path / "sweep"), "--variants", wanted])
     page.main()
     lines = capsys.readouterr().out.splitlines()
     assert "ddim-karras sc-noise,sc-lookahead" in lines  # stein-safe is held
+    assert "unipc-karras sc-noise" in lines  # stein-safe is held, and on UniPC it is sc-lookahead
     assert f"heun-logsnr {wanted}" in lines  # a piece not run at all lacks all three
     assert len(lines) == len(page.FULL["solvers"]) * len(page.FULL["schedules"])
     monkeypatch.setattr(sys, "argv", ["results.py", "--missing", str(tmp_path / "sweep"), "--variants", "vanilla"])
