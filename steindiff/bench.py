@@ -104,6 +104,9 @@ class CellResult:
     nonfinite: int
     gamma_raw_max: float | None
     wall_s: float
+    #: of the steps where the rule ran (over all blocks), the share whose applied gamma was not 1: where the
+    #: Stein coefficient changed the solver's step (None: vanilla, or a sweep made before this was recorded)
+    gamma_moved: float | None = None
 
 
 def stein_config(variant: str, probes: int, products: ProbeProducts = "vjp") -> SteinConfig | None:
@@ -127,6 +130,8 @@ class _Block:
     nonfinite: int
     gamma_raw_max: float | None
     nfe: int
+    rule_steps: int
+    moved_steps: int
 
 
 def _reference_finals(
@@ -201,7 +206,8 @@ def _summarise_block(index: int, run: RunResult, reference: torch.Tensor, metric
     samples = run.samples
     finite = torch.isfinite(samples.flatten(1)).all(1)
     errors = (samples[: len(reference)].double() - reference.double()).flatten(1).norm(dim=1).cpu()
-    raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None and not math.isnan(r.gamma_raw)]
+    ruled = [r for r in run.trace if r.gamma_raw is not None]
+    raw = [r.gamma_raw for r in ruled if not math.isnan(r.gamma_raw)]
     return _Block(
         index,
         metric.features(samples) if metric is not None else None,
@@ -209,6 +215,8 @@ def _summarise_block(index: int, run: RunResult, reference: torch.Tensor, metric
         int((~finite).sum()),
         max(raw) if raw else None,  # an undefined (NaN) gamma falls back to 1 and is left out
         run.nfe_total,
+        len(ruled),
+        sum(r.gamma != 1 for r in ruled),
     )
 
 
@@ -220,6 +228,7 @@ def _cell(
     errors = torch.cat([b.errors for b in blocks])
     scores = metric.score(torch.cat([b.features for b in blocks])) if metric is not None else {}
     raws = [b.gamma_raw_max for b in blocks if b.gamma_raw_max is not None]
+    rule_steps = sum(b.rule_steps for b in blocks)
     return CellResult(
         solver=solver,
         schedule=schedule,
@@ -233,6 +242,7 @@ def _cell(
         nonfinite=sum(b.nonfinite for b in blocks),
         gamma_raw_max=max(raws) if raws else None,
         wall_s=max(elapsed for _, elapsed in gathered),
+        gamma_moved=sum(b.moved_steps for b in blocks) / rule_steps if rule_steps else None,
     )
 
 
@@ -268,6 +278,8 @@ def summarise(results: list[CellResult]) -> list[dict[str, Any]]:
             row["err_ref"], row["err_ref_std"] = _mean_std(errs)
         raws = [r.gamma_raw_max for r in group if r.gamma_raw_max is not None]
         row["gamma_raw_max"] = max(raws) if raws else None
+        moved = [r.gamma_moved for r in group if r.gamma_moved is not None]
+        row["gamma_moved"] = statistics.fmean(moved) if moved else None
         rows.append(row)
     return rows
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -83,15 +84,15 @@ def _value(row: dict[str, Any], name: str) -> float:
 
 def verdicts(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[str]:
     """Per variant: in how many runs it beats or loses to vanilla (same solver, schedule, NFE) by more
-    than twice the combined seed spread, and the range of its ratio to vanilla. A cell whose solver ran the
-    grid of another cell (Heun asked for an even NFE runs the odd one below) repeats that run and is
-    counted once."""
+    than twice the combined seed spread, the range of its ratio to vanilla, and how often its coefficient
+    moved off 1 (the mean over runs of ``gamma_moved``, where recorded). A cell whose solver ran the grid of
+    another cell (Heun asked for an even NFE runs the odd one below) repeats that run and is counted once."""
     metric = metric or headline(rows)
     vanilla = {(r["solver"], r["schedule"], r["nfe"]): r for r in rows if r["variant"] == "vanilla"}
     lines = []
     for variant in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "vanilla"):
         better = worse = repeats = 0
-        ratios = []
+        ratios, moved = [], []
         seen = set()
         for r in rows:
             base = vanilla.get((r["solver"], r["schedule"], r["nfe"]))
@@ -102,6 +103,8 @@ def verdicts(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[
                 repeats += 1
                 continue
             seen.add(run)
+            if r.get("gamma_moved") is not None:
+                moved.append(r["gamma_moved"])
             ours, theirs = _value(r, metric), _value(base, metric)
             stds = [_value(row, f"{metric}_std") for row in (r, base)]
             spread = 2 * math.hypot(*(s if math.isfinite(s) else 0.0 for s in stds))
@@ -118,9 +121,16 @@ def verdicts(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[
         seeds = min(r.get("seeds", 1) for r in rows)
         margin = "beyond twice the seed spread" if seeds > 1 else "one seed: any difference counts"
         repeated = f"; {repeats} more cell{'s repeat' if repeats > 1 else ' repeats'} one of them" if repeats else ""
+        recorded = "" if len(moved) == len(ratios) else f", recorded in {len(moved)} of {len(ratios)} runs"
         lines.append(
             f"- **{variant}**: better than vanilla in {better} of {len(ratios)} runs, worse in {worse} "
-            f"({margin}{repeated}); {metric} / vanilla from x{low[0]:.3g} ({low[1]}) to x{high[0]:.3g} ({high[1]})."
+            f"({margin}{repeated}); {metric} / vanilla from x{low[0]:.3g} ({low[1]}) to x{high[0]:.3g} ({high[1]})"
+            + (
+                f"; gamma moved off 1 at {100 * statistics.fmean(moved):.0f}% of the steps "
+                f"({100 * min(moved):.0f}-{100 * max(moved):.0f}% a run{recorded})."
+                if moved
+                else "."
+            )
         )
     return lines
 

@@ -104,9 +104,9 @@ def test_batched_probes_give_the_loop_estimate():
 
 
 def test_sweep_scores_every_cell_and_the_reference_error_falls_with_nfe():
-    config = _ring_config()
+    config = _ring_config(variants=("vanilla", "stein", "stein-safe"))
     results = _run(config)
-    assert len(results) == 2 * 2 * 2 * 2  # solvers x nfe x variants x seeds
+    assert len(results) == 2 * 2 * 3 * 2  # solvers x nfe x variants x seeds
     rows = {(r["solver"], r["nfe"], r["variant"]): r for r in summarise(results)}
     for solver in config.solvers:
         coarse, fine = rows[(solver, 3, "vanilla")], rows[(solver, 9, "vanilla")]
@@ -114,6 +114,15 @@ def test_sweep_scores_every_cell_and_the_reference_error_falls_with_nfe():
     assert rows[("heun", 9, "vanilla")]["nfe_realised"] == 9 and rows[("heun", 3, "vanilla")]["nfe_realised"] == 3
     assert rows[("dpmpp_2m", 9, "stein")]["gamma_raw_max"] > 1  # the literal rule's raw gamma, recorded
     assert rows[("dpmpp_2m", 9, "vanilla")]["gamma_raw_max"] is None
+    assert rows[("dpmpp_2m", 9, "vanilla")]["gamma_moved"] is None
+    assert all(r.gamma_moved == 1 for r in results if r.variant == "stein")  # the literal rule never gives 1
+    # gamma_moved counts the steps the coefficient changed: a run where it stayed at 1 is vanilla's, bit for bit
+    vanilla = {(r.solver, r.nfe, r.seed): r for r in results if r.variant == "vanilla"}
+    safe = [r for r in results if r.variant == "stein-safe"]
+    assert {r.gamma_moved == 0 for r in safe} == {True, False}
+    for r in safe:
+        base = vanilla[(r.solver, r.nfe, r.seed)]
+        assert (r.gamma_moved == 0) == (r.scores == base.scores and r.err_ref == base.err_ref)
 
 
 def test_vanilla_samples_do_not_depend_on_the_batch_size():
@@ -220,6 +229,20 @@ def test_missing_names_each_piece_with_only_the_variants_it_lacks(tmp_path, monk
     monkeypatch.setattr(sys, "argv", ["results.py", "--missing", str(tmp_path / "sweep"), "--variants", "vanilla"])
     page.main()
     assert "ddim-karras" not in capsys.readouterr().out
+
+
+def test_the_tallies_say_how_often_gamma_moved_and_in_how_many_runs_it_was_recorded():
+    """Sweeps made before gamma_moved was recorded merge with newer ones: the share is over the runs that hold it."""
+    row = {"solver": "ddim", "schedule": "karras", "seeds": 1, "err_ref": 1.0, "err_ref_std": 0.0}
+    three, five = {**row, "nfe": 3, "nfe_realised": 3}, {**row, "nfe": 5, "nfe_realised": 5}
+    rows = [{**cell, "variant": "vanilla", "gamma_moved": None} for cell in (three, five)]
+    rows += [{**three, "variant": "stein-safe", "gamma_moved": 0.25}]
+    (line,) = verdicts([*rows, {**five, "variant": "stein-safe", "gamma_moved": 0.75}])
+    assert line.endswith("gamma moved off 1 at 50% of the steps (25-75% a run).")
+    (line,) = verdicts([*rows, {**five, "variant": "stein-safe", "gamma_moved": None}])
+    assert line.endswith("gamma moved off 1 at 25% of the steps (25-25% a run, recorded in 1 of 2 runs).")
+    (line,) = verdicts([*rows[:2], {**three, "variant": "stein-safe", "gamma_moved": None}])
+    assert "gamma moved" not in line
 
 
 def test_markdown_marks_non_finite_and_diverged_cells():
