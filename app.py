@@ -65,8 +65,8 @@ corrected with the evaluation the next step makes anyway (for DDIM: UniPC's corr
 explodes; neither is always better than vanilla, and both give up the literal rule's Heun rescue (see
 README, "Variants of the correction", and docs/results.md). On `mnist` the safeguards hold
 `sc-lookahead`'s gamma at 1 at nearly every step: where it beats vanilla, the corrector does it, not the
-Stein coefficient (the applied-gamma line shows where gamma leaves 1). Compare *literal rule diverges*
-with *safeguarded rule, same run*.
+Stein coefficient (the applied-gamma line shows where gamma leaves 1, the table at how many steps).
+Compare *literal rule diverges* with *safeguarded rule, same run*.
 
 The exact-flow curve (green, exact models only) is the Lipschitz constant of the true ODE flow
 between the same noise levels: the true flow also expands between modes, so L > 1 alone is not a

@@ -130,8 +130,7 @@ class _Block:
     nonfinite: int
     gamma_raw_max: float | None
     nfe: int
-    rule_steps: int
-    moved_steps: int
+    gamma_moves: tuple[int, int]
 
 
 def _reference_finals(
@@ -206,8 +205,7 @@ def _summarise_block(index: int, run: RunResult, reference: torch.Tensor, metric
     samples = run.samples
     finite = torch.isfinite(samples.flatten(1)).all(1)
     errors = (samples[: len(reference)].double() - reference.double()).flatten(1).norm(dim=1).cpu()
-    ruled = [r for r in run.trace if r.gamma_raw is not None]
-    raw = [r.gamma_raw for r in ruled if not math.isnan(r.gamma_raw)]
+    raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None and not math.isnan(r.gamma_raw)]
     return _Block(
         index,
         metric.features(samples) if metric is not None else None,
@@ -215,8 +213,7 @@ def _summarise_block(index: int, run: RunResult, reference: torch.Tensor, metric
         int((~finite).sum()),
         max(raw) if raw else None,  # an undefined (NaN) gamma falls back to 1 and is left out
         run.nfe_total,
-        len(ruled),
-        sum(r.gamma != 1 for r in ruled),
+        run.gamma_moves,
     )
 
 
@@ -228,7 +225,7 @@ def _cell(
     errors = torch.cat([b.errors for b in blocks])
     scores = metric.score(torch.cat([b.features for b in blocks])) if metric is not None else {}
     raws = [b.gamma_raw_max for b in blocks if b.gamma_raw_max is not None]
-    rule_steps = sum(b.rule_steps for b in blocks)
+    rule_steps, moved_steps = (sum(counts) for counts in zip(*(b.gamma_moves for b in blocks), strict=True))
     return CellResult(
         solver=solver,
         schedule=schedule,
@@ -242,7 +239,7 @@ def _cell(
         nonfinite=sum(b.nonfinite for b in blocks),
         gamma_raw_max=max(raws) if raws else None,
         wall_s=max(elapsed for _, elapsed in gathered),
-        gamma_moved=sum(b.moved_steps for b in blocks) / rule_steps if rule_steps else None,
+        gamma_moved=moved_steps / rule_steps if rule_steps else None,
     )
 
 

@@ -397,18 +397,21 @@ def image_views(result: ExperimentResult, step: int, count: int = 16) -> dict[st
 
 
 def summary_markdown(result: ExperimentResult) -> str:
-    """A short table of the outcome: NFE, final error, digit scores, divergence, gamma range."""
+    """A short table of the outcome: NFE, final error, digit scores, gamma range and how often the applied
+    gamma left 1, divergence."""
     exp = result.experiment
     lines = [
         f"**{exp.model}**, {exp.solver}, {exp.schedule}, NFE {exp.nfe} "
         f"({len(result.comparison.sigmas) - 1} steps), batch {exp.batch}, seed {exp.seed}",
         "",
-        "| run | NFE | final err_ref | FD-MNIST | confidence | gamma raw (min .. max) | diverged at |",
-        "|---|---|---|---|---|---|---|",
+        "| run | NFE | final err_ref | FD-MNIST | confidence | gamma raw (min .. max) | gamma moved off 1 "
+        "| diverged at |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in result.runs().items():
         raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None and math.isfinite(r.gamma_raw)]
         score = result.scores.get(name, {})
+        ruled, moved = run.gamma_moves
         cells = [
             name,
             str(run.nfe_total),
@@ -416,6 +419,7 @@ def summary_markdown(result: ExperimentResult) -> str:
             _fmt(score.get("fd_mnist")),
             _fmt(score.get("confidence")),
             f"{min(raw):.3g} .. {max(raw):.3g}" if raw else "-",
+            f"{moved} of {ruled} steps" if name == "stein" and ruled else "-",
             "-" if run.first_nonfinite_step is None else f"step {run.first_nonfinite_step}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -106,6 +106,13 @@ class RunResult:
         """Index of the first step whose output had a NaN or infinite value, if any."""
         return next((r.step for r in self.trace if not r.finite), None)
 
+    @property
+    def gamma_moves(self) -> tuple[int, int]:
+        """(steps where the rule ran, those of them whose gamma was not 1): where the Stein coefficient
+        changed the solver's step (a run that only observes records gamma = 1 throughout)."""
+        ruled = [r for r in self.trace if r.gamma_raw is not None]
+        return len(ruled), sum(r.gamma != 1 for r in ruled)
+
     def summary(self) -> dict[str, Any]:
         """The JSON form: ``trace``, ``final`` and ``nfe_total``."""
         final_err = self.final_err_ref

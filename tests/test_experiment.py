@@ -1,9 +1,12 @@
 """Runs as the app and the CLI make them (``run_experiment``): the layout each run gives the network."""
 
+import math
+
 import torch
 
 from steindiff import initial_noise, load_model
 from steindiff.experiment import Experiment, ModelCatalog, run_experiment
+from steindiff.plots import summary_markdown
 from steindiff.records import DiagnosticsConfig
 from steindiff.stein import SteinConfig
 
@@ -34,3 +37,23 @@ def test_image_runs_are_channels_last_on_the_cpu_unless_they_need_functorch():
     x = initial_noise(4, model.event_shape, 2.0, seed=0)
     with torch.no_grad():
         assert torch.allclose(model(x, torch.tensor(2.0)), load_model("mnist")(x, torch.tensor(2.0)), atol=1e-5)
+
+
+def test_the_summary_says_at_how_many_steps_the_applied_gamma_moved_off_1():
+    """The literal rule moves gamma at every step; a clip to [1, 1] never does, and its run is vanilla's."""
+    catalog = ModelCatalog()
+    no_lipschitz = DiagnosticsConfig(lipschitz=False)
+
+    def run(gamma_min: float, gamma_max: float):
+        stein = SteinConfig(gamma_min=gamma_min, gamma_max=gamma_max, probes=2)
+        experiment = Experiment(model="gmm-ring", nfe=5, batch=64, stein=stein, diagnostics=no_lipschitz)
+        return run_experiment(experiment, catalog)
+
+    literal, held = run(0.1, math.inf), run(1.0, 1.0)
+    steps = len(literal.comparison.sigmas) - 1
+    assert literal.comparison.stein.gamma_moves == (steps, steps)
+    assert f"| {steps} of {steps} steps |" in summary_markdown(literal)
+    assert held.comparison.stein.gamma_moves == (steps, 0) and f"| 0 of {steps} steps |" in summary_markdown(held)
+    assert torch.equal(held.comparison.stein.samples, held.comparison.vanilla.samples)
+    vanilla_row = next(line for line in summary_markdown(held).splitlines() if line.startswith("| vanilla"))
+    assert "steps" not in vanilla_row  # vanilla only observes the rule: nothing moved, nothing to count
