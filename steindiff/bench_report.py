@@ -126,8 +126,8 @@ def verdicts(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[
             f"- **{variant}**: better than vanilla in {better} of {len(ratios)} runs, worse in {worse} "
             f"({margin}{repeated}); {metric} / vanilla from x{low[0]:.3g} ({low[1]}) to x{high[0]:.3g} ({high[1]})"
             + (
-                f"; gamma moved off 1 at {100 * statistics.fmean(moved):.0f}% of the steps "
-                f"({100 * min(moved):.0f}-{100 * max(moved):.0f}% a run{recorded})."
+                f"; gamma moved off 1 at {100 * statistics.fmean(moved):.3g}% of the steps "
+                f"({100 * min(moved):.3g}-{100 * max(moved):.3g}% a run{recorded})."
                 if moved
                 else "."
             )
