@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ explodes; neither is always better than vanilla, and both give up the literal ru
 README, "Variants of the correction", and docs/results.md). On `mnist` the safeguards hold
 `sc-lookahead`'s gamma at 1 at nearly every step: where it beats vanilla, the corrector does it, not the
 Stein coefficient (the applied-gamma line shows where gamma leaves 1, the table at how many steps).
+The solvers named `+lookahead` are the corrector alone: with one of them the left run is the corrector
+at gamma = 1 and the right one `sc-lookahead`, so the two differ only where the coefficient moved.
 Compare *literal rule diverges* with *safeguarded rule, same run*.
 
 The exact-flow curve (green, exact models only) is the Lipschitz constant of the true ODE flow
@@ -93,6 +96,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stein_on": True,
         "rule": DEFAULT_RULE,
     },
+    "what the coefficient adds: corrector alone vs sc-lookahead": {
+        "solver": "dpmpp_3m+lookahead",
+        "schedule": "karras",
+        "nfe": 10,
+        "stein_on": True,
+        "rule": "sc-lookahead",
+    },
+}
+#: the values each list-valued control offers (the models aside: the server's catalog); a link's state is one
+CHOICES: dict[str, list[str]] = {
+    "solver": [s for s in SOLVERS if s != "euler"],
+    "schedule": list(SCHEDULES),
+    "rule": [*STEIN_VARIANTS, CUSTOM_RULE],
+    "probe": ["rademacher", "gaussian", "exact"],
+    "products": list(PROBE_PRODUCTS),
+    "coords": ["edm", "vp"],
+    "variant": ["batch", "per_sample"],
 }
 
 
@@ -109,6 +129,22 @@ class Shown:
 
     result: ExperimentResult
     step: int
+
+
+def settings_from_link(params: Mapping[str, str], models: Sequence[str], default_model: str) -> dict[str, Any]:
+    """The settings a link's query names, each read as its default's type. A value that does not read, or
+    that the form does not offer, gives the default: a mistyped link, or a bare '+' (which reads as a space)."""
+    state = {}
+    for key, default in SETTINGS:
+        if key not in params:
+            continue
+        offered, fallback = (models, default_model) if key == "model" else (CHOICES.get(key), default)
+        try:
+            value = (params[key].lower() == "true") if isinstance(default, bool) else type(default)(params[key])
+        except ValueError:
+            value = fallback
+        state[key] = value if offered is None or value in offered else fallback
+    return state
 
 
 def render(shown: Shown) -> tuple:
@@ -263,21 +299,8 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         return tuple(gr.update(value=preset[key]) if key in preset else gr.update() for key in keys)
 
     def from_url(request: gr.Request) -> tuple:
-        params = dict(request.query_params) if request is not None else {}
-        updates = []
-        for key, default in SETTINGS:
-            if key not in params:
-                updates.append(gr.update())
-                continue
-            text = params[key]
-            try:
-                value = (text.lower() == "true") if isinstance(default, bool) else type(default)(text)
-            except ValueError:
-                value = default
-            if key == "model" and value not in names:
-                value = default_model
-            updates.append(gr.update(value=value))
-        return tuple(updates)
+        state = settings_from_link(dict(request.query_params) if request is not None else {}, names, default_model)
+        return tuple(gr.update(value=state[key]) if key in state else gr.update() for key, _ in SETTINGS)
 
     initial = dict(SETTINGS)  # the form starts where /run's defaults are
     # gradio keeps a copy of every output file: those older than an hour go, hourly
@@ -287,8 +310,8 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             with gr.Column(scale=1, min_width=300):
                 preset = gr.Dropdown(list(PRESETS), label="Lesson presets", value=None)
                 model = gr.Dropdown(names, value=default_model, label="model")
-                solver = gr.Dropdown([s for s in SOLVERS if s != "euler"], value=initial["solver"], label="solver")
-                schedule = gr.Dropdown(list(SCHEDULES), value=initial["schedule"], label="schedule")
+                solver = gr.Dropdown(CHOICES["solver"], value=initial["solver"], label="solver")
+                schedule = gr.Dropdown(CHOICES["schedule"], value=initial["schedule"], label="schedule")
                 nfe = gr.Slider(1, LIMITS.max_nfe, value=initial["nfe"], step=1, label="NFE (network evaluations)")
                 batch = gr.Number(
                     initial["batch"], label="batch (2-D: up to 4096 particles; images: up to 256)", precision=0
@@ -299,7 +322,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                 with gr.Accordion("Stein correction", open=True):
                     stein_on = gr.Checkbox(initial["stein_on"], label="run the corrected sampler beside vanilla")
                     rule = gr.Dropdown(
-                        [*STEIN_VARIANTS, CUSTOM_RULE],
+                        CHOICES["rule"],
                         value=initial["rule"],
                         label="rule (see README: stein = the paper's literal rule; custom = the clip below)",
                     )
@@ -314,14 +337,16 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                     probes = gr.Slider(
                         1, LIMITS.max_probes, value=initial["probes"], step=1, label="Hutchinson probes K"
                     )
-                    probe = gr.Radio(["rademacher", "gaussian", "exact"], value=initial["probe"], label="probe")
+                    probe = gr.Radio(CHOICES["probe"], value=initial["probe"], label="probe")
                     products = gr.Radio(
-                        list(PROBE_PRODUCTS),
+                        CHOICES["products"],
                         value=initial["products"],
                         label="Jacobian products (probes and Lipschitz): vjp = autograd, fd = forward differences",
                     )
-                    coords = gr.Radio(["edm", "vp"], value=initial["coords"], label="coordinates of the combination")
-                    variant = gr.Radio(["batch", "per_sample"], value=initial["variant"], label="gamma from")
+                    coords = gr.Radio(
+                        CHOICES["coords"], value=initial["coords"], label="coordinates of the combination"
+                    )
+                    variant = gr.Radio(CHOICES["variant"], value=initial["variant"], label="gamma from")
                 lipschitz = gr.Checkbox(initial["lipschitz"], label="local Lipschitz estimates")
                 reference = gr.Checkbox(initial["reference"], label="error to the reference solution")
                 run_button = gr.Button("Run", variant="primary")

@@ -294,6 +294,11 @@ def with_lookahead(spec: SolverSpec, weight: float = 0.5) -> SolverSpec:
     )
 
 
+#: the look-ahead corrector alone (SC design A at gamma = 1): beside `sc-lookahead` on the plain solver, it
+#: shows what the Stein coefficient adds to the corrector (where gamma stays at 1 the two are the same run)
+SOLVERS.update({f"{name}+lookahead": with_lookahead(SOLVERS[name]) for name in ("ddim", "dpmpp_2m", "dpmpp_3m")})
+
+
 def get_solver(name: str) -> SolverSpec:
     """The solver registered as ``name``."""
     if name not in SOLVERS:

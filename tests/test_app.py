@@ -47,6 +47,29 @@ def test_the_form_starts_at_the_run_endpoints_defaults():
     assert [component.value for component in run.inputs] == [value for _, value in app.SETTINGS]
 
 
+def test_every_preset_is_a_valid_run_the_form_offers():
+    catalog = ModelCatalog()
+    for name, preset in app.PRESETS.items():
+        settings = {**dict(app.SETTINGS), **preset}
+        assert all(settings[key] in offered for key, offered in app.CHOICES.items()), name
+        app.build_experiment(catalog, *settings.values()).check(catalog, app.LIMITS)
+
+
+def test_a_link_sets_what_it_names_and_falls_back_where_the_form_offers_no_such_value():
+    models = ["mnist", "gmm-ring"]
+    link = {"solver": "dpmpp_3m+lookahead", "schedule": "logsnr", "seed": "7", "stein_on": "false", "model": "gmm-ring"}
+    assert app.settings_from_link(link, models, "mnist") == {**link, "seed": 7, "stein_on": False}
+    mistyped = {"solver": "ddim lookahead", "schedule": "zz", "nfe": "x", "model": "nope", "probe": "cauchy"}
+    assert app.settings_from_link(mistyped, models, "gmm-ring") == {
+        "solver": "dpmpp_2m",
+        "schedule": "karras",
+        "nfe": 5,
+        "model": "gmm-ring",
+        "probe": "rademacher",
+    }
+    assert app.settings_from_link({"unknown": "1"}, models, "mnist") == {}
+
+
 def test_the_queue_looks_for_requests_every_10_ms():
     """gradio's queue loop wakes every 1 ms, which takes CPU from torch on a small machine (app.QUEUE_POLL_S).
     The app sets gradio's private attribute, so this fails if gradio's loop stops reading it."""

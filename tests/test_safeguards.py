@@ -142,6 +142,20 @@ def test_lookahead_leaves_solvers_that_already_look_ahead_alone():
     assert with_lookahead(get_solver("dpmpp_2m")).name == "dpmpp_2m+lookahead"
 
 
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m"])
+def test_the_registered_lookahead_solver_is_the_corrector_at_gamma_1(solver):
+    """`dpmpp_3m+lookahead` and the like, run plain, are T_SC with gamma clipped to 1, bit for bit; the look-ahead
+    map applied twice is the map once."""
+    model = load_model("gmm-ring")
+    x = initial_noise(32, model.event_shape, 80.0, seed=9)
+    sigmas = make_sigmas("karras", 6)
+    alone = sample(model, x, sigmas, f"{solver}+lookahead")
+    held = sample(model, x, sigmas, solver, stein=SteinConfig(gamma_min=1.0, gamma_max=1.0, lookahead=True))
+    assert torch.equal(alone.samples, held.samples) and alone.nfe_total == held.nfe_total == 6
+    assert not torch.equal(alone.samples, sample(model, x, sigmas, solver).samples)
+    assert with_lookahead(get_solver(f"{solver}+lookahead")) is get_solver(f"{solver}+lookahead")
+
+
 def test_vanilla_beside_a_lookahead_run_stays_the_plain_solver():
     from steindiff.sampling import compare
 
