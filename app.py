@@ -67,8 +67,8 @@ explodes; neither is always better than vanilla, and both give up the literal ru
 README, "Variants of the correction", and docs/results.md). On `mnist` the safeguards hold
 `sc-lookahead`'s gamma at 1 at nearly every step: where it beats vanilla, the corrector does it, not the
 Stein coefficient (the applied-gamma line shows where gamma leaves 1, the table at how many steps).
-The solvers named `+lookahead` are the corrector alone: with one of them the left run is the corrector
-at gamma = 1 and the right one `sc-lookahead`, so the two differ only where the coefficient moved.
+The solvers named `+lookahead` are the corrector alone: run one under `sc-lookahead` and the two sides
+differ only where the coefficient moved off 1 (preset *what the coefficient adds*).
 Compare *literal rule diverges* with *safeguarded rule, same run*.
 
 The exact-flow curve (green, exact models only) is the Lipschitz constant of the true ODE flow
