@@ -229,9 +229,13 @@ def main() -> None:
         "of which lent machines gave us 10 and 15). `mnist (mnist-sweep)` gathers the mnist pieces run so far: "
         "about 2 minutes a solver and schedule on a GPU, on this CPU 65 minutes with the issue's three variants "
         "and 56 with `stein-safe` and `sc-lookahead` (DDIM, Karras), 57 with `sc-lookahead` alone (UniPC, each "
-        "schedule: two runs side by side, one thread each) and 72 (DPM-Solver++(2M) on logSNR, (3M) on Karras). "
+        "schedule: two runs side by side, one thread each), 72 (DPM-Solver++(2M) on logSNR, (3M) on Karras) and 95 "
+        "(DDIM and DPM-Solver++(3M) on logSNR, with two more runs beside them for 70 of those minutes). "
         "For UniPC and Heun `sc-lookahead` is `stein-safe`: "
-        "they already correct with their look-ahead evaluation.\n\n"
+        "they already correct with their look-ahead evaluation. The look-ahead corrector alone (the solvers "
+        "`dpmpp_3m+lookahead` on Karras and `dpmpp_2m+lookahead` on logSNR, plain, the same settings and noise; "
+        "67-70 minutes on this CPU beside the two runs above), to set beside `sc-lookahead`: "
+        "`docs/quality/mnist-lookahead-alone/results.md`.\n\n"
         + "\n".join(model_section(folder) for folder in folders)
         + "\n## Cost of the correction (mnist, DPM-Solver++(2M), Karras, NFE 5, batch 64)\n\n"
         + cost
