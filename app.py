@@ -37,6 +37,8 @@ from steindiff.solvers import SOLVERS, get_solver
 from steindiff.stein import PROBE_PRODUCTS, STEIN_VARIANTS
 
 #: system fonts only: the default theme would fetch web fonts from outside the machine
+#: the summary table's cells wrap between words only (gradio's markdown breaks words anywhere: 'vanill|a')
+CSS = "#summary :is(td, th) { overflow-wrap: normal; word-break: normal; }"
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 EXPLANATION = """
@@ -353,7 +355,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                 run_button = gr.Button("Run", variant="primary")
                 download = gr.File(label="download the run (JSON, CSV, PNG)")
             with gr.Column(scale=3):
-                summary_md = gr.Markdown("Choose settings (or a lesson preset) and press **Run**.")
+                summary_md = gr.Markdown("Choose settings (or a lesson preset) and press **Run**.", elem_id="summary")
                 gr.Markdown(
                     "Blue: vanilla solver. Red: Stein-corrected, from the same noise. Orange band: "
                     "L > 1, where the step map expands errors."
@@ -429,7 +431,13 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True) -> str:
     """Start the server (loopback by default) and return its URL."""
     _, url, _ = demo.launch(
-        server_name=host, server_port=port, ssr_mode=False, show_error=True, theme=THEME, prevent_thread_lock=not block
+        server_name=host,
+        server_port=port,
+        ssr_mode=False,
+        show_error=True,
+        theme=THEME,
+        css=CSS,
+        prevent_thread_lock=not block,
     )
     return url
 
