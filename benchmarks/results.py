@@ -235,7 +235,8 @@ def main() -> None:
         "they already correct with their look-ahead evaluation. The look-ahead corrector alone (the solvers "
         "`dpmpp_3m+lookahead` on Karras and `dpmpp_2m+lookahead` on logSNR, plain, the same settings and noise; "
         "67-70 minutes on this CPU beside the two runs above), to set beside `sc-lookahead`: "
-        "`docs/quality/mnist-lookahead-alone/results.md`.\n\n"
+        "`docs/quality/mnist-lookahead-alone/results.md`; `ddim+lookahead` on logSNR at NFE 5-20 (16 minutes at 2 "
+        "threads): `docs/quality/mnist-lookahead-alone-ddim-logsnr/results.md`.\n\n"
         + "\n".join(model_section(folder) for folder in folders)
         + "\n## Cost of the correction (mnist, DPM-Solver++(2M), Karras, NFE 5, batch 64)\n\n"
         + cost
