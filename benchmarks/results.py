@@ -236,7 +236,8 @@ def main() -> None:
         "`dpmpp_3m+lookahead` on Karras and `dpmpp_2m+lookahead` on logSNR, plain, the same settings and noise; "
         "67-70 minutes on this CPU beside the two runs above), to set beside `sc-lookahead`: "
         "`docs/quality/mnist-lookahead-alone/results.md`; `ddim+lookahead` on logSNR at NFE 5-20 (16 minutes at 2 "
-        "threads): `docs/quality/mnist-lookahead-alone-ddim-logsnr/results.md`.\n\n"
+        "threads): `docs/quality/mnist-lookahead-alone-ddim-logsnr/results.md`; `dpmpp_3m+lookahead` on logSNR at NFE "
+        "5-20 (31 minutes at one thread): `docs/quality/mnist-lookahead-alone-dpmpp3m-logsnr/results.md`.\n\n"
         + "\n".join(model_section(folder) for folder in folders)
         + "\n## Cost of the correction (mnist, DPM-Solver++(2M), Karras, NFE 5, batch 64)\n\n"
         + cost
