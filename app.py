@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,12 +34,12 @@ from steindiff.interactive import CUSTOM_RULE, DEFAULT_RULE, LIMITS, SETTINGS, b
 from steindiff.plots import diagnostics_figure, image_views, particles_figure, steps_csv, summary_markdown
 from steindiff.schedules import SCHEDULES
 from steindiff.solvers import SOLVERS, get_solver
-from steindiff.stein import PROBE_PRODUCTS, STEIN_VARIANTS
+from steindiff.stein import PROBE_PRODUCTS, STEIN_VARIANTS, ProbeKind
 
 #: system fonts only: the default theme would fetch web fonts from outside the machine
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 #: the summary table's cells wrap between words only (gradio's markdown breaks words anywhere: 'vanill|a')
 CSS = "#summary :is(td, th) { overflow-wrap: normal; word-break: normal; }"
-THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 EXPLANATION = """
 ### The contractivity trap, in one paragraph
@@ -112,7 +112,7 @@ CHOICES: dict[str, list[str]] = {
     "solver": [s for s in SOLVERS if s != "euler"],
     "schedule": list(SCHEDULES),
     "rule": [*STEIN_VARIANTS, CUSTOM_RULE],
-    "probe": ["rademacher", "gaussian", "exact"],
+    "probe": list(get_args(ProbeKind)),
     "products": list(PROBE_PRODUCTS),
     "coords": ["edm", "vp"],
     "variant": ["batch", "per_sample"],
