@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 
 from .finite_difference import fd_step
 
-__all__ = ["JacobianMode", "jacobian_rows", "krylov_start", "lipschitz_bound", "local_lipschitz", "mean_distance"]
+__all__ = [
+    "JacobianMode",
+    "jacobian_norms",
+    "jacobian_rows",
+    "krylov_start",
+    "lipschitz_bound",
+    "local_lipschitz",
+    "mean_distance",
+]
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
+#: a map with several outputs of one input (for :func:`jacobian_norms`)
+OutputsFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 JacobianMode = Literal["jvp", "vjp2", "fd"]
 
 
@@ -21,43 +31,64 @@ def _per_sample_normalise(v: torch.Tensor) -> torch.Tensor:
     return v / norms.reshape(-1, *([1] * (v.ndim - 1)))
 
 
-def _jvp_product(fn: MapFn, x: torch.Tensor, mode: JacobianMode):
-    """Returns (J w, J^T g) products of fn at x, per sample; J w by forward mode, double VJP or forward difference."""
+class _Products(NamedTuple):
+    """Jacobian products of a map's outputs at a point, per sample."""
+
+    jvp: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # w -> (J_i w for every output i)
+    vjp: Callable[[torch.Tensor, int], torch.Tensor]  # (g, i) -> J_i^T g
+    outputs: tuple[torch.Tensor, ...]  # the map's outputs at the point (detached)
+
+
+def _products(fn: OutputsFn, x: torch.Tensor, mode: JacobianMode) -> _Products:
+    """Products of fn's Jacobians at x: J w by forward mode, double VJP or forward difference; J^T g by a VJP.
+    An output that does not depend on x has J = 0."""
     x = x.detach()
     with torch.enable_grad():
         x_in = x.clone().requires_grad_(True)
         out = fn(x_in)
-        if mode == "vjp2":
-            dummy = torch.zeros_like(out, requires_grad=True)
-            (vjp_graph,) = torch.autograd.grad(out, x_in, grad_outputs=dummy, create_graph=True)
+        live = [i for i, o in enumerate(out) if o.requires_grad]
+        if mode == "vjp2":  # x -> sum_i J_i^T d_i, whose VJP in d_i is J_i w
+            dummies = [torch.zeros_like(out[i], requires_grad=True) for i in live]
+            (vjp_graph,) = torch.autograd.grad([out[i] for i in live], x_in, grad_outputs=dummies, create_graph=True)
 
-    def jvp(w: torch.Tensor) -> torch.Tensor:
+    def jvp(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if mode == "jvp":
-            return torch.func.jvp(fn, (x,), (w,))[1]
+            return tuple(torch.func.jvp(fn, (x,), (w,))[1])
         if mode == "fd":
             h = fd_step(x, w)
             with torch.no_grad():
-                return (fn(x + h * w) - out.detach()) / h
+                return tuple((o - o_x.detach()) / h for o, o_x in zip(fn(x + h * w), out, strict=True))
         with torch.enable_grad():
-            return torch.autograd.grad(vjp_graph, dummy, grad_outputs=w, retain_graph=True)[0]
+            products = torch.autograd.grad(vjp_graph, dummies, grad_outputs=w, retain_graph=True)
+        by_output = dict(zip(live, products, strict=True))
+        return tuple(by_output.get(i, torch.zeros_like(o)) for i, o in enumerate(out))
 
-    def vjp(g: torch.Tensor) -> torch.Tensor:
+    def vjp(g: torch.Tensor, output: int) -> torch.Tensor:
+        if not out[output].requires_grad:
+            return torch.zeros_like(x)
         with torch.enable_grad():
-            return torch.autograd.grad(out, x_in, grad_outputs=g, retain_graph=True)[0]
+            return torch.autograd.grad(out[output], x_in, grad_outputs=g, retain_graph=True)[0]
 
-    return jvp, vjp
+    return _Products(jvp, vjp, tuple(o.detach() for o in out))
 
 
 def jacobian_rows(fn: MapFn, x: torch.Tensor) -> torch.Tensor:
     """The per-sample Jacobian of fn at x over flattened events, (B, d_out, d_in), by d_out VJPs."""
-    _, vjp = _jvp_product(fn, x, "jvp")
-    d_out = x[0].numel()
-    rows = []
-    for j in range(d_out):
-        basis = torch.zeros_like(x).flatten(1)
-        basis[:, j] = 1
-        rows.append(vjp(basis.reshape(x.shape)).detach().flatten(1))
-    return torch.stack(rows, dim=1)
+    return _jacobians(lambda z: (fn(z),), x)[0]
+
+
+def _jacobians(fn: OutputsFn, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The per-sample Jacobian of each of fn's outputs at x, (B, d_out, d_in) each, by d_out VJPs an output."""
+    products = _products(fn, x, "jvp")
+    jacobians = []
+    for i, out in enumerate(products.outputs):
+        rows = []
+        for j in range(out[0].numel()):
+            basis = torch.zeros_like(out).flatten(1)
+            basis[:, j] = 1
+            rows.append(products.vjp(basis.reshape(out.shape), i).detach().flatten(1))
+        jacobians.append(torch.stack(rows, dim=1))
+    return tuple(jacobians)
 
 
 def krylov_start(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -92,19 +123,42 @@ def local_lipschitz(
     ``start`` gives the start vectors q_1 (shaped like ``x``; normalised per sample), else they are
     Gaussian from ``generator``.
     """
+    return jacobian_norms(lambda z: (fn(z),), x, iters, mode, exact_max_dim, start, generator)[0]
+
+
+def jacobian_norms(
+    fn: OutputsFn,
+    x: torch.Tensor,
+    iters: int = 20,
+    mode: JacobianMode = "jvp",
+    exact_max_dim: int = 16,
+    start: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`local_lipschitz` for a map with several outputs: the spectral norm of each output's Jacobian at
+    each sample of ``x``, a tuple of (B,) tensors, all from the Krylov space of the first output.
+
+    Each output's estimate is its Rayleigh-Ritz value on that space: the largest singular value of its
+    Jacobian on the orthonormal basis q_1..q_{iters+1}, a lower bound. Its products J_i q come from the
+    evaluations that give the first output's, so a second output computed along the first costs no network
+    call: the denoiser call a solver step makes at its own input gives the denoiser's estimate along the
+    step's. Up to ``exact_max_dim`` dimensions every output's norm is exact (d VJPs each).
+    """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if x[0].numel() <= exact_max_dim:
-        return torch.linalg.matrix_norm(jacobian_rows(fn, x).to(torch.float64), ord=2).to(x.dtype)
-    jvp, vjp = _jvp_product(fn, x, mode)
-    w = (krylov_start(x, generator) if start is None else start).to(dtype=x.dtype, device=x.device)
+        return tuple(
+            torch.linalg.matrix_norm(jacobian.to(torch.float64), ord=2).to(x.dtype) for jacobian in _jacobians(fn, x)
+        )
+    products = _products(fn, x, mode)
+    w = krylov_start(x, generator) if start is None else start
     tiny = torch.finfo(x.dtype).tiny
-    q = _per_sample_normalise(w).flatten(1)
+    q = _per_sample_normalise(w.to(dtype=x.dtype, device=x.device)).flatten(1)
     basis, images = [q], []
     for _ in range(iters):
-        image = jvp(q.reshape(x.shape)).detach()
-        images.append(image.flatten(1))
-        residual = vjp(image).detach().flatten(1)
+        image = [product.detach() for product in products.jvp(q.reshape(x.shape))]
+        images.append(image)
+        residual = products.vjp(image[0], 0).detach().flatten(1)
         scale = residual.norm(dim=1, keepdim=True)
         for _ in range(2):  # classical Gram-Schmidt, twice ("twice is enough")
             for b in basis:
@@ -113,10 +167,15 @@ def local_lipschitz(
         # a sample whose Krylov space is exhausted goes on with q = 0, which adds only a zero Ritz value
         q = torch.where(norm <= 1e-5 * scale, torch.zeros_like(residual), residual / norm.clamp_min(tiny))
         basis.append(q)
-    images.append(jvp(q.reshape(x.shape)).detach().flatten(1))
-    u = torch.stack(images, 1).to(torch.float64)  # (B, iters + 1, d_out): J applied to the basis
+    images.append([product.detach() for product in products.jvp(q.reshape(x.shape))])
+    return tuple(_top_ritz_value(output_images, x.dtype) for output_images in zip(*images, strict=True))
+
+
+def _top_ritz_value(images: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """sqrt of the largest eigenvalue of U^T U, U the images J q_i of the orthonormal basis, per sample."""
+    u = torch.stack([image.flatten(1) for image in images], 1).to(torch.float64)  # (B, basis size, d_out)
     ritz = torch.linalg.eigvalsh(u @ u.transpose(1, 2))[:, -1]
-    return ritz.clamp_min(0).sqrt().to(x.dtype)
+    return ritz.clamp_min(0).sqrt().to(dtype)
 
 
 def lipschitz_bound(sigma: float, sigma_next: float, denoiser_lipschitz: float) -> float:

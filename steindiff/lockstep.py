@@ -20,14 +20,16 @@ from .denoisers.base import DenoiseFn, Denoiser
 
 __all__ = ["DenoiserMap", "lockstep"]
 
-#: a map of a batch that calls the denoiser it is given, mixing no samples: z -> f(denoise, z)
-DenoiserMap = Callable[[DenoiseFn, torch.Tensor], torch.Tensor]
+#: a map of a batch that calls the denoiser it is given, mixing no samples: z -> f(denoise, z), one output or a
+#: tuple of them
+DenoiserMap = Callable[[DenoiseFn, torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 def lockstep(
     denoiser: Denoiser, maps: Sequence[DenoiserMap], sizes: Sequence[int]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The block-diagonal map z -> cat_i maps[i](denoiser, z_i), z_i the i-th block of ``sizes[i]`` rows.
+) -> Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]:
+    """The block-diagonal map z -> cat_i maps[i](denoiser, z_i), z_i the i-th block of ``sizes[i]`` rows; for
+    maps with several outputs (each the same number), the tuple of each output's concatenation.
 
     In each round, every map still running has either finished or is waiting on a denoiser call; those
     calls run as one. Autograd sees through it (grad mode is carried to the map threads). Not for
@@ -58,12 +60,12 @@ class _Rounds:
         self.answered = [threading.Event() for _ in maps]
         self.waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.answers: dict[int, torch.Tensor] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor | tuple[torch.Tensor, ...]] = {}
         self.errors: dict[int, BaseException] = {}
         self.finished = 0
         self.failure: BaseException | None = None
 
-    def run(self) -> torch.Tensor:
+    def run(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
         threads = [threading.Thread(target=self._work, args=(i,), daemon=True) for i in range(len(self.maps))]
         for thread in threads:
             thread.start()
@@ -89,7 +91,10 @@ class _Rounds:
             raise self.failure
         if self.errors:
             raise self.errors[min(self.errors)]
-        return torch.cat([self.outputs[i] for i in range(len(self.maps))])
+        outputs = [self.outputs[i] for i in range(len(self.maps))]
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+        return torch.cat(outputs)
 
     def _round_complete(self) -> None:
         """Under the lock: wake the caller when no live map is left running."""

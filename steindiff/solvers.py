@@ -230,6 +230,10 @@ class SolverSpec:
     evals_per_step: int = 1
     #: the step already evaluates the denoiser at a look-ahead point and corrects with it (UniPC, Heun)
     looks_ahead: bool = False
+    #: the step's only network call is D(x, sigma_k) at its input x, so T(x) = a x + b D(x, sigma_k) + (terms in
+    #: the history) and dT/dx = a I + b dD/dx (DDIM, DPM-Solver++): the Lipschitz diagnostics estimate the
+    #: denoiser along the step, from the same calls (``step_lipschitz``)
+    one_call_at_input: bool = False
 
     def nfe(self, steps: int) -> int:
         """NFE of ``steps`` steps ending at sigma = 0 (Heun: 2 per step, 1 for the last)."""
@@ -245,14 +249,16 @@ class SolverSpec:
 SOLVERS: dict[str, SolverSpec] = {
     spec.name: spec
     for spec in (
-        SolverSpec("ddim", ddim_step, "DDIM = DPM-Solver-1 = Euler in EDM coordinates"),
-        SolverSpec("dpmpp_2m", dpmpp_2m_step, "DPM-Solver++(2M), multistep, 1 NFE a step"),
-        SolverSpec("dpmpp_3m", dpmpp_3m_step, "DPM-Solver++(3M), multistep, 1 NFE a step"),
+        SolverSpec("ddim", ddim_step, "DDIM = DPM-Solver-1 = Euler in EDM coordinates", one_call_at_input=True),
+        SolverSpec("dpmpp_2m", dpmpp_2m_step, "DPM-Solver++(2M), multistep, 1 NFE a step", one_call_at_input=True),
+        SolverSpec("dpmpp_3m", dpmpp_3m_step, "DPM-Solver++(3M), multistep, 1 NFE a step", one_call_at_input=True),
         SolverSpec("unipc", unipc_step, "UniPC (predictor + corrector, no extra NFE)", looks_ahead=True),
         SolverSpec("heun", heun_step, "EDM Heun: 2 NFE a step, 1 for the last", evals_per_step=2, looks_ahead=True),
     )
 }
-SOLVERS["euler"] = SolverSpec("euler", ddim_step, "Euler in EDM coordinates (the same map as DDIM)")
+SOLVERS["euler"] = SolverSpec(
+    "euler", ddim_step, "Euler in EDM coordinates (the same map as DDIM)", one_call_at_input=True
+)
 
 
 def _lookahead(base: StepFn, weight: float) -> StepFn:

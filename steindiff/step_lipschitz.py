@@ -2,8 +2,10 @@
 
 At each step the applied step map (the solver's step, or its Stein combination, with the run's history
 held fixed), the exact flow between the same noise levels (exact models), and the denoiser (for the
-paper's bound): one Krylov estimate (:func:`steindiff.diagnostics.local_lipschitz`) of their
-block-diagonal joint map, whose network calls run batched (:mod:`steindiff.lockstep`).
+paper's bound): one Krylov estimate (:func:`steindiff.diagnostics.jacobian_norms`) of their
+block-diagonal joint map, whose network calls run batched (:mod:`steindiff.lockstep`). Where the step's
+one network call is the denoiser at the step's input (DDIM, DPM-Solver++), the denoiser's estimate comes
+from that call, on the step's Krylov space, instead of a map of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Literal
 import torch
 
 from .denoisers.base import DenoiseFn, Denoiser
-from .diagnostics import krylov_start, lipschitz_bound, local_lipschitz
+from .diagnostics import jacobian_norms, krylov_start, lipschitz_bound
 from .lockstep import DenoiserMap, lockstep
 from .noise import LIPSCHITZ_STREAM, stream_generator
 from .records import DiagnosticsConfig, RunResult, StepRecord
@@ -40,15 +42,19 @@ class MapAtStep:
     scale: float
 
 
+Quantity = Literal["step", "denoiser", "flow"]
+
+
 @dataclass(frozen=True)
 class _LipschitzJob:
-    """One Jacobian norm to estimate: the map ``fn`` at the states ``x``, for a field of ``record``."""
+    """Jacobian norms to estimate: of the outputs of the map ``fn`` (a tuple) at the states ``x``, for the
+    fields of ``record`` that ``quantities`` name (one an output; the first drives the Krylov space)."""
 
     fn: DenoiserMap
     x: torch.Tensor
     stream: tuple[int, ...]  # of the Krylov start vectors
     record: StepRecord
-    quantity: Literal["step", "denoiser", "flow"]
+    quantities: tuple[Quantity, ...]
 
 
 def measure_lipschitz(
@@ -65,13 +71,19 @@ def measure_lipschitz(
 
     At each step of each run: the applied step map; for exact models the exact flow between the same
     noise levels; and, along runs that apply the solver's own step map, the denoiser, for the paper's
-    bound (not at the step into sigma = 0, where the bound is infinite). These maps are independent, so
-    one Krylov estimate of their block-diagonal joint map, whose network calls run as one batched call a
-    round (:func:`steindiff.lockstep.lockstep`), gives all of them, in groups of at most
-    ``config.lipschitz_batch`` samples. Each map keeps its own start vectors, so the estimates do not
-    depend on the grouping (to float rounding). Forward-mode AD is per thread: with ``jacobian_mode``
-    "jvp" every map is estimated alone. A step's ``diagnostics_time_s`` is its maps' share (by samples)
-    of the time of the groups they ran in.
+    bound (not at the step into sigma = 0, where the bound is infinite). Where the solver's one network
+    call is at the step's input (``SolverSpec.one_call_at_input``), the denoiser is the step map's second
+    output, its estimate on the step's Krylov space (:func:`steindiff.diagnostics.jacobian_norms`), for no
+    network call: dT/dx = a I + b dD/dx, so the two share their leading directions where dD/dx is near
+    symmetric, as a denoiser's is (on ``mnist``, 3 rounds, DDIM and DPM-Solver++ at NFE 3-10: a median of
+    0.985 of the converged value against 0.997 on a space of its own, 0.82 against 0.88 at worst). Else the
+    denoiser is a map of its own. These maps are independent, so one Krylov estimate of their
+    block-diagonal joint map, whose network calls run as one batched call a round
+    (:func:`steindiff.lockstep.lockstep`), gives all of them, in groups of at most ``config.lipschitz_batch``
+    samples. Each map keeps its own start vectors, so the estimates do not depend on the grouping (to
+    float rounding). Forward-mode AD is per thread: with ``jacobian_mode`` "jvp" every map is estimated
+    alone. A step's ``diagnostics_time_s`` is its maps' share (by samples) of the time of the groups they
+    ran in.
     """
     options = options or SolverOptions()
     jobs = []
@@ -80,45 +92,76 @@ def measure_lipschitz(
             m, record = maps[k], run.trace[k]
             if m is None:
                 continue
-            jobs.append(_LipschitzJob(_step_map(spec, grid, k, m, options), m.x, (k, 0, index), record, "step"))
+            bound = m.gamma is None and grid[k + 1] > 0  # the paper's bound, from the denoiser's constant
+            along = bound and spec.one_call_at_input
+            step = _step_map(spec, grid, k, m, options, with_denoiser=along)
+            quantities: tuple[Quantity, ...] = ("step", "denoiser") if along else ("step",)
+            jobs.append(_LipschitzJob(step, m.x, (k, 0, index), record, quantities))
             if config.flow_lipschitz and denoiser.exact:
                 flow = _flow_map(grid[k], grid[k + 1], config.flow_log_step)
-                jobs.append(_LipschitzJob(flow, m.x, (k, 2, index), record, "flow"))
+                jobs.append(_LipschitzJob(flow, m.x, (k, 2, index), record, ("flow",)))
             if m.gamma is None and grid[k + 1] == 0:
                 record.bound_paper = math.inf
-            elif m.gamma is None:
-                jobs.append(_LipschitzJob(_denoiser_map(grid[k]), m.x, (k, 1, index), record, "denoiser"))
+            elif bound and not along:
+                jobs.append(_LipschitzJob(_denoiser_map(grid[k]), m.x, (k, 1, index), record, ("denoiser",)))
     limit = 0 if config.jacobian_mode == "jvp" else config.lipschitz_batch
     for group in _groups(jobs, limit):
         start = time.perf_counter()
         x = torch.cat([job.x for job in group])
         w = torch.cat([krylov_start(job.x, stream_generator(seed, LIPSCHITZ_STREAM, *job.stream)) for job in group])
-        joint = lockstep(denoiser, [job.fn for job in group], [len(job.x) for job in group])
-        constants = local_lipschitz(joint, x, config.lipschitz_iters, mode=config.jacobian_mode, start=w)
+        width = max(len(job.quantities) for job in group)
+        joint = lockstep(denoiser, [_padded(job.fn, width) for job in group], [len(job.x) for job in group])
+        constants = jacobian_norms(joint, x, config.lipschitz_iters, config.jacobian_mode, start=w)
         elapsed = time.perf_counter() - start
         for job, part in zip(group, _slices([len(job.x) for job in group]), strict=True):
-            _record(job, constants[part])
+            for quantity, output_constants in zip(job.quantities, constants, strict=False):
+                _record(job.record, quantity, output_constants[part])
             job.record.diagnostics_time_s += elapsed * len(job.x) / len(x)
 
 
-def _step_map(spec: SolverSpec, grid: list[float], k: int, m: MapAtStep, options: SolverOptions) -> DenoiserMap:
-    """The applied map of step k, (1 - gamma) scale z + gamma T(z), with the run's history held fixed."""
+def _step_map(
+    spec: SolverSpec, grid: list[float], k: int, m: MapAtStep, options: SolverOptions, with_denoiser: bool
+) -> DenoiserMap:
+    """The applied map of step k, (1 - gamma) scale z + gamma T(z), with the run's history held fixed; with
+    ``with_denoiser`` also D(z, sigma_k), the value of the step's one network call (its solver's
+    ``one_call_at_input``)."""
     gamma = _per_sample(m.gamma, len(m.x), m.x)
 
-    def step_map(denoise: DenoiseFn, z: torch.Tensor) -> torch.Tensor:
-        return combine(z, spec.step(denoise, z, grid, k, m.history, options).x_next, gamma, m.scale)
+    def step_map(denoise: DenoiseFn, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def recorded(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            calls.append((x, denoise(x, sigma)))
+            return calls[-1][1]
+
+        applied = combine(z, spec.step(recorded, z, grid, k, m.history, options).x_next, gamma, m.scale)
+        if not with_denoiser:
+            return (applied,)
+        if len(calls) != 1 or calls[0][0] is not z:
+            raise RuntimeError(f"step {k} of {spec.name} did not make its one network call at its input")
+        return applied, calls[0][1]
 
     return step_map
 
 
 def _flow_map(sigma: float, sigma_next: float, log_step: float) -> DenoiserMap:
     """The exact ODE flow from sigma to sigma_next (exact models)."""
-    return lambda denoise, z: flow_map(denoise, z, sigma, sigma_next, max_log_step=log_step)
+    return lambda denoise, z: (flow_map(denoise, z, sigma, sigma_next, max_log_step=log_step),)
 
 
 def _denoiser_map(sigma: float) -> DenoiserMap:
     """z -> D(z, sigma)."""
-    return lambda denoise, z: denoise(z, torch.tensor(sigma, dtype=z.dtype, device=z.device))
+    return lambda denoise, z: (denoise(z, torch.tensor(sigma, dtype=z.dtype, device=z.device)),)
+
+
+def _padded(fn: DenoiserMap, width: int) -> DenoiserMap:
+    """``fn`` with zero outputs after its own, ``width`` in all: a group's maps return as many outputs."""
+
+    def padded(denoise: DenoiseFn, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = fn(denoise, z)
+        return (*outputs, *(torch.zeros_like(outputs[0]) for _ in range(width - len(outputs))))
+
+    return padded
 
 
 def _groups(jobs: list[_LipschitzJob], max_samples: int) -> list[list[_LipschitzJob]]:
@@ -134,12 +177,11 @@ def _groups(jobs: list[_LipschitzJob], max_samples: int) -> list[list[_Lipschitz
     return groups
 
 
-def _record(job: _LipschitzJob, constants: torch.Tensor) -> None:
-    """Write a job's per-sample Lipschitz constants into its step record."""
-    record = job.record
-    if job.quantity == "step":
+def _record(record: StepRecord, quantity: Quantity, constants: torch.Tensor) -> None:
+    """Write per-sample Lipschitz constants of ``quantity`` into a step record."""
+    if quantity == "step":
         record.lipschitz_max, record.lipschitz_median = float(constants.max()), float(constants.median())
-    elif job.quantity == "flow":
+    elif quantity == "flow":
         record.lipschitz_flow_max = float(constants.max())
     else:
         record.lipschitz_denoiser_max = float(constants.max())

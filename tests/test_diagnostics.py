@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from steindiff import get_solver, initial_noise, load_model, make_sigmas, sample
-from steindiff.diagnostics import jacobian_rows, lipschitz_bound, local_lipschitz
+from steindiff.diagnostics import jacobian_norms, jacobian_rows, lipschitz_bound, local_lipschitz
 from steindiff.reference import reference_trajectory
 from steindiff.solvers import SolverOptions
 
@@ -81,6 +81,40 @@ def test_krylov_estimate_is_never_below_power_iteration_with_the_same_products()
         krylov = local_lipschitz(fn, x, iters, torch.Generator().manual_seed(7), exact_max_dim=0)
         assert (krylov >= power * (1 - 1e-9)).all() and (krylov <= exact * (1 + 1e-9)).all()
     assert (exact - krylov).abs().max() < (exact - power).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["jvp", "vjp2", "fd"])
+def test_a_second_output_is_estimated_on_the_first_outputs_krylov_space(mode):
+    """A DDIM step and the denoiser call it makes at its input: the step's estimate is local_lipschitz's, the
+    denoiser's a lower bound near its norm, and J_T Q = (s'/s) Q + (1 - s'/s) J_D Q on the shared basis, so
+    the step's estimate never exceeds the paper's bound from the denoiser's (exact Jacobians in 64-D)."""
+    model = load_model("empirical-digits")
+    gen = torch.Generator().manual_seed(2)
+    sigma, sigma_next = 1.0, 0.6
+    x = model.sample(6, gen) + sigma * torch.randn(6, 1, 8, 8, dtype=F64, generator=gen)
+    sigmas = [sigma, sigma_next, 0.0]
+
+    def step_and_denoiser(z):
+        calls = []
+
+        def recorded(state, s):
+            calls.append(model(state, s))
+            return calls[-1]
+
+        return get_solver("ddim").step(recorded, z, sigmas, 0, (), SolverOptions()).x_next, calls[0]
+
+    start = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    step_l, denoiser_l = jacobian_norms(step_and_denoiser, x, 3, mode, exact_max_dim=0, start=start)
+    alone = local_lipschitz(lambda z: step_and_denoiser(z)[0], x, 3, mode=mode, exact_max_dim=0, start=start)
+    torch.testing.assert_close(step_l, alone, rtol=1e-12, atol=0)
+    exact = torch.linalg.matrix_norm(model.jacobian(x, sigma), ord=2)
+    slack = 1e-6 if mode == "fd" else 1e-9
+    assert (denoiser_l <= exact * (1 + slack)).all() and (denoiser_l >= 0.8 * exact).all()
+    for sl, dl in zip(step_l.tolist(), denoiser_l.tolist(), strict=True):
+        assert sl <= lipschitz_bound(sigma, sigma_next, dl) * (1 + slack)
+    exact_both = jacobian_norms(step_and_denoiser, x, 3, mode, exact_max_dim=64)  # built Jacobians, per output
+    torch.testing.assert_close(exact_both[1], exact, rtol=1e-9, atol=0)
+    torch.testing.assert_close(exact_both[0], local_lipschitz(lambda z: step_and_denoiser(z)[0], x, exact_max_dim=64))
 
 
 def test_the_paper_bound_holds_for_ddim_steps(ring_states):

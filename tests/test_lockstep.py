@@ -11,6 +11,7 @@ from steindiff import DiagnosticsConfig, SteinConfig, compare, get_solver, initi
 from steindiff.compute_thread import on_compute_thread
 from steindiff.lockstep import lockstep
 from steindiff.solvers import SolverOptions
+from steindiff.step_lipschitz import MapAtStep, measure_lipschitz
 
 
 class _CountingCalls(torch.nn.Module):
@@ -71,6 +72,16 @@ def test_gradients_flow_through_the_lockstep():
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-10, atol=1e-10)
 
 
+def test_maps_with_several_outputs_give_the_concatenation_of_each_output():
+    model, maps, xs = _maps_and_states()
+    pairs = [lambda denoise, z, f=f: (f(denoise, z), 2 * z) for f in maps]
+    with torch.no_grad():
+        first, second = lockstep(model, pairs, [len(x) for x in xs])(torch.cat(xs))
+        alone = torch.cat([f(model, x) for f, x in zip(maps, xs, strict=True)])
+    torch.testing.assert_close(first, alone, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(second, 2 * torch.cat(xs), rtol=0, atol=0)
+
+
 def test_a_failing_map_or_denoiser_call_raises_on_the_caller_and_hangs_nothing():
     model, maps, xs = _maps_and_states()
 
@@ -111,6 +122,32 @@ def test_lipschitz_estimates_do_not_depend_on_how_the_maps_are_grouped(mode, pro
                 assert b == pytest.approx(a, rel=1e-6), (alone.step, name)
     assert results[1].vanilla.trace[0].lipschitz_denoiser_max > 0
     assert all(r.diagnostics_time_s > 0 for r in results[1].vanilla.trace)
+
+
+def test_the_denoiser_is_estimated_along_a_step_whose_one_call_is_at_its_input():
+    """DDIM's one network call is D at the step's input: the denoiser's estimate comes from the step's calls,
+    on its Krylov space, with no map of its own, and the step's estimate stays under the paper's bound from
+    it. Heun calls twice: its denoiser keeps a map of its own."""
+    model = load_model("mnist").double()
+    sigmas = make_sigmas("karras", 3, model.sigma_min, model.sigma_max)
+    x = initial_noise(2, model.event_shape, float(sigmas[0]), seed=4, dtype=torch.float64)
+    diagnostics = DiagnosticsConfig(lipschitz_samples=2, lipschitz_iters=2, jacobian_mode="fd", reference=False)
+    batches = []
+    hook = model.register_forward_hook(lambda _module, inputs, _output: batches.append(len(inputs[0])))
+    widest = {}
+    for solver in ("ddim", "heun"):
+        batches.clear()
+        result = compare(model, x, sigmas, solver, None, diagnostics=diagnostics)
+        widest[solver] = max(batches)
+        assert all(r.lipschitz_denoiser_max > 0 for r in result.vanilla.trace[:-1]), solver
+        if solver == "ddim":
+            assert all(r.lipschitz_max <= r.bound_paper * (1 + 1e-6) for r in result.vanilla.trace[:-1])
+    hook.remove()
+    assert widest == {"ddim": 3 * 2, "heun": (3 + 2) * 2}  # 2 samples a map: 3 steps (+ 2 denoiser maps)
+    flagged = dataclasses.replace(get_solver("heun"), one_call_at_input=True)  # a wrong flag is caught
+    first_step = [MapAtStep(x, (), None, 1.0), None, None]
+    with pytest.raises(RuntimeError, match="one network call at its input"):
+        measure_lipschitz(model, [(result.vanilla, first_step, flagged)], result.sigmas, None, diagnostics, 0)
 
 
 def test_compute_thread_runs_everything_on_one_thread_in_the_callers_context():
