@@ -34,7 +34,7 @@ from steindiff.interactive import CUSTOM_RULE, DEFAULT_RULE, LIMITS, SETTINGS, b
 from steindiff.plots import diagnostics_figure, image_views, particles_figure, steps_csv, summary_markdown
 from steindiff.schedules import SCHEDULES
 from steindiff.solvers import SOLVERS, get_solver
-from steindiff.stein import PROBE_PRODUCTS, STEIN_VARIANTS, ProbeKind
+from steindiff.stein import PROBE_PRODUCTS, STEIN_VARIANTS, Coords, GammaVariant, ProbeKind
 
 #: system fonts only: the default theme would fetch web fonts from outside the machine
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -114,8 +114,8 @@ CHOICES: dict[str, list[str]] = {
     "rule": [*STEIN_VARIANTS, CUSTOM_RULE],
     "probe": list(get_args(ProbeKind)),
     "products": list(PROBE_PRODUCTS),
-    "coords": ["edm", "vp"],
-    "variant": ["batch", "per_sample"],
+    "coords": list(get_args(Coords)),
+    "variant": list(get_args(GammaVariant)),
 }
 
 

@@ -31,7 +31,17 @@ from .quality import quality_metric
 from .records import DiagnosticsConfig
 from .schedules import SCHEDULES
 from .solvers import SOLVERS, SolverOptions
-from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, PROBE_PRODUCTS, STEIN_VARIANTS, SteinConfig, variant_settings
+from .stein import (
+    CUSTOM_VARIANT,
+    DEFAULT_VARIANT,
+    PROBE_PRODUCTS,
+    STEIN_VARIANTS,
+    Coords,
+    GammaVariant,
+    ProbeKind,
+    SteinConfig,
+    variant_settings,
+)
 from .train import TrainConfig, train
 
 MAX_NFE = Limits.max_nfe
@@ -121,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     stein.add_argument("--gamma-min", type=_real, default=SteinConfig.gamma_min, help="custom rule only")
     stein.add_argument("--gamma-max", type=_real, default=SteinConfig.gamma_max, help="custom: inf = literal")
     stein.add_argument("--probes", type=_int_in(1, 256), default=SteinConfig.probes)
-    stein.add_argument("--probe", choices=("rademacher", "gaussian", "exact"), default=SteinConfig.probe)
+    stein.add_argument("--probe", choices=get_args(ProbeKind), default=SteinConfig.probe)
     stein.add_argument("--products", choices=PROBE_PRODUCTS, default=SteinConfig.products, help=PRODUCTS_HELP)
-    stein.add_argument("--coords", choices=("edm", "vp"), default=SteinConfig.coords)
-    stein.add_argument("--variant", choices=("batch", "per_sample"), default=SteinConfig.variant)
+    stein.add_argument("--coords", choices=get_args(Coords), default=SteinConfig.coords)
+    stein.add_argument("--variant", choices=get_args(GammaVariant), default=SteinConfig.variant)
     diag = run.add_argument_group("diagnostics")
     diag.add_argument("--no-lipschitz", action="store_true", help="skip the Lipschitz estimates")
     diag.add_argument("--lipschitz-samples", type=_int_in(1, 4096), default=8)

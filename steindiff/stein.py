@@ -43,7 +43,9 @@ __all__ = [
     "PROBE_PRODUCTS",
     "SAFEGUARDS",
     "STEIN_VARIANTS",
+    "Coords",
     "DivergenceEstimate",
+    "GammaVariant",
     "SteinConfig",
     "SteinStats",
     "combine",
@@ -62,6 +64,10 @@ ProbeKind = Literal["rademacher", "gaussian", "exact"]
 ProbeProducts = Literal["vjp", "vjp-batched", "fd"]
 PROBE_PRODUCTS: tuple[str, ...] = get_args(ProbeProducts)
 NoiseLevel = Literal["off", "cap", "match"]
+#: the coordinates the convex combination is taken in
+Coords = Literal["edm", "vp"]
+#: one coefficient from batch means, or one a sample
+GammaVariant = Literal["batch", "per_sample"]
 EXACT_TRACE_MAX_DIM = 1024
 
 
@@ -96,8 +102,8 @@ class SteinConfig:
     probes: int = 5
     probe: ProbeKind = "rademacher"
     products: ProbeProducts = "vjp"
-    coords: Literal["edm", "vp"] = "edm"
-    variant: Literal["batch", "per_sample"] = "batch"
+    coords: Coords = "edm"
+    variant: GammaVariant = "batch"
     apply: bool = True
     noise_level: NoiseLevel = "off"
     max_gamma_se: float = math.inf
@@ -117,9 +123,9 @@ class SteinConfig:
             raise ValueError(f"products must be one of {', '.join(PROBE_PRODUCTS)}, got {self.products!r}")
         if self.probe == "exact" and self.products == "fd":
             raise ValueError("the exact trace takes d VJPs: use products 'vjp' with probe 'exact'")
-        if self.coords not in ("edm", "vp"):
+        if self.coords not in get_args(Coords):
             raise ValueError(f"coords must be 'edm' or 'vp', got {self.coords!r}")
-        if self.variant not in ("batch", "per_sample"):
+        if self.variant not in get_args(GammaVariant):
             raise ValueError(f"variant must be 'batch' or 'per_sample', got {self.variant!r}")
         if self.noise_level not in ("off", "cap", "match"):
             raise ValueError(f"noise_level must be 'off', 'cap' or 'match', got {self.noise_level!r}")
