@@ -153,7 +153,7 @@ def diagnostics_figure(result: ExperimentResult, step: int | None = None) -> go.
                     x=steps,
                     y=_positive(_values(run, "bound_paper")),
                     mode="lines",
-                    name="paper's bound (vanilla)",
+                    name="paper's first-order bound (vanilla)",
                     line={"color": "gray", "dash": "dash"},
                 ),
                 2,
