@@ -135,7 +135,8 @@ def _step_map(
             calls.append((x, denoise(x, sigma)))
             return calls[-1][1]
 
-        applied = combine(z, spec.step(recorded, z, grid, k, m.history, options).x_next, gamma, m.scale)
+        step = spec.step(recorded if with_denoiser else denoise, z, grid, k, m.history, options)
+        applied = combine(z, step.x_next, gamma, m.scale)
         if not with_denoiser:
             return (applied,)
         if len(calls) != 1 or calls[0][0] is not z:
