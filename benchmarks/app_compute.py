@@ -34,21 +34,26 @@ CASES = {
 }
 
 
-def call_plans(settings: dict[str, Any], repeats: int) -> dict[str, list[tuple[dict[str, Any] | None, dict[str, Any]]]]:
+def call_plans(
+    settings: dict[str, Any], repeats: int, seed_offset: int = 0
+) -> dict[str, list[tuple[dict[str, Any] | None, dict[str, Any]]]]:
     """For each kind of call, ``repeats`` pairs (an untimed call that sets it up or None, the timed call).
 
     After a warm-up call with seed 0: the same settings again (everything cached), a new grid for the same
     noise (the Karras grid's call first, then the logSNR grid's: the reference solution is reused, its
     states on the new grid take no network call on an image model's 3M lattice and four batched calls on
-    a 2-D model's RK4 lattice), and a new seed (the reference is solved anew).
+    a 2-D model's RK4 lattice), and a new seed (the reference is solved anew). ``seed_offset`` moves the
+    seeds those calls draw, so that plans for two clients of one server share no seed.
     """
     return {
         "same seed, reference cached": [(None, settings)] * repeats,
         "same seed, schedule changed": [
-            ({**settings, "seed": 2000 + i}, {**settings, "seed": 2000 + i, "schedule": "logsnr"})
-            for i in range(repeats)
+            ({**settings, "seed": seed}, {**settings, "seed": seed, "schedule": "logsnr"})
+            for seed in range(2000 + seed_offset, 2000 + seed_offset + repeats)
         ],
-        "new seed each call": [(None, {**settings, "seed": 1000 + i}) for i in range(repeats)],
+        "new seed each call": [
+            (None, {**settings, "seed": seed}) for seed in range(1000 + seed_offset, 1000 + seed_offset + repeats)
+        ],
     }
 
 
