@@ -231,7 +231,7 @@ def main() -> None:
         "and 56 with `stein-safe` and `sc-lookahead` (DDIM, Karras), 57 with `sc-lookahead` alone (UniPC, each "
         "schedule: two runs side by side, one thread each), 72 (DPM-Solver++(2M) on logSNR, (3M) on Karras) and 95 "
         "(DDIM and DPM-Solver++(3M) on logSNR, with two more runs beside them for 70 of those minutes); "
-        "`stein-safe` on DPM-Solver++(3M), Karras, 38 (2 threads). "
+        "`stein-safe` on DPM-Solver++(3M), Karras, 38 (2 threads), and on DDIM, logSNR, 39. "
         "For UniPC and Heun `sc-lookahead` is `stein-safe`: "
         "they already correct with their look-ahead evaluation. The look-ahead corrector alone (the solvers "
         "`dpmpp_3m+lookahead` on Karras and `dpmpp_2m+lookahead` on logSNR, plain, the same settings and noise; "
