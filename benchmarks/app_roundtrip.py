@@ -4,16 +4,16 @@
 
 Cases (both samplers, diagnostics on): `mnist`, NFE 5, batch 16, Lipschitz on 4 samples (target: 3 s on
 the 2-core CPU, 0.5 s on a GPU); `gmm-ring`, NFE 5, 2,000 particles (target: 1 s). Prints the median and
-the spread of the round trips (the 7 output files downloaded) after one warm-up call, for the calls of
-``app_compute.call_plans``: the same seed again (everything cached), the same seed on a new grid (the
-reference solution reused), a new seed (the reference solved). Two clients take turns, call by call, on
-seeds of their own: gradio_client as made by default, which downloads each file with a new connection
-whose TLS context loads the system's certificates (about 20 ms on the 2-core CPU) even for plain http,
-and one made with ``ssl_verify=False``, which for an http URL changes only that: no TLS is spoken on
-either. A browser fetches the files over kept-alive connections and builds no such context. The server
-is its own process, with torch's default threads unless OMP_NUM_THREADS is set; a client in the
-server's process would compete with it for the interpreter lock. Before the calls it prints the share
-of a core the idle server uses (Linux). Not a test: the figures depend on the machine.
+the spread of the round trips (the output files downloaded: 7 for `mnist`, 1 for `gmm-ring`) after one
+warm-up call, for the calls of ``app_compute.call_plans``: the same seed again (everything cached), the
+same seed on a new grid (the reference solution reused), a new seed (the reference solved). Two clients
+take turns, call by call, on seeds of their own: gradio_client as made by default, which downloads each
+file with a new connection whose TLS context loads the system's certificates (about 20 ms on the 2-core
+CPU) even for plain http, and one made with ``ssl_verify=False``, which for an http URL changes only
+that: no TLS is spoken on either. A browser fetches the files over kept-alive connections and builds no
+such context. The server is its own process, with torch's default threads unless OMP_NUM_THREADS is set;
+a client in the server's process would compete with it for the interpreter lock. Before the calls it
+prints the share of a core the idle server uses (Linux). Not a test: the figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
                 each.predict(*settings.values(), api_name="/run")
             plans = [call_plans(settings, args.repeats, seed_offset=500 * i) for i in range(len(clients))]
             for label in plans[0]:
-                times: dict[str, list[float]] = {each: [] for each in clients}
+                times: dict[str, list[float]] = {kind: [] for kind in clients}
                 for calls in zip(*(plan[label] for plan in plans), strict=True):
                     for (kind, each), (setup, call) in zip(clients.items(), calls, strict=True):
                         if setup is not None:
