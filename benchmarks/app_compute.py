@@ -45,6 +45,10 @@ def call_plans(
     a 2-D model's RK4 lattice), and a new seed (the reference is solved anew). ``seed_offset`` moves the
     seeds those calls draw, so that plans for two clients of one server share no seed.
     """
+    if not (repeats >= 1 and seed_offset >= 0 and seed_offset + repeats <= 1000):
+        raise ValueError(
+            f"the seeds must stay apart: repeats >= 1 and seed_offset + repeats <= 1000, got {repeats}, {seed_offset}"
+        )
     return {
         "same seed, reference cached": [(None, settings)] * repeats,
         "same seed, schedule changed": [
@@ -69,6 +73,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", help="run every case here (default: where the app runs each model)")
     args = parser.parse_args()
+    if not 1 <= args.repeats <= 1000:
+        parser.error("--repeats must be 1-1000: the calls draw their seeds from ranges of 1000")
     catalog = ModelCatalog()
     print(f"torch threads: {torch.get_num_threads()}; rule: {BASE['rule']}")
 

@@ -73,8 +73,10 @@ def _idle_share(pid: int, seconds: float = 5.0) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="calls a case and client (at most 500)")
     args = parser.parse_args()
+    if not 1 <= args.repeats <= 500:
+        parser.error("--repeats must be 1-500: two clients draw their seeds from ranges of 1000")
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env)
@@ -92,7 +94,7 @@ def main() -> None:
             settings = {**BASE, **case}  # in the order of app.SETTINGS
             for each in clients.values():  # warm-up: model load, first-call overheads, the client's connection
                 each.predict(*settings.values(), api_name="/run")
-            plans = [call_plans(settings, args.repeats, seed_offset=500 * i) for i in range(len(clients))]
+            plans = [call_plans(settings, args.repeats, seed_offset=args.repeats * i) for i in range(len(clients))]
             for label in plans[0]:
                 times: dict[str, list[float]] = {kind: [] for kind in clients}
                 for calls in zip(*(plan[label] for plan in plans), strict=True):
