@@ -397,14 +397,14 @@ def image_views(result: ExperimentResult, step: int, count: int = 16) -> dict[st
 
 
 def summary_markdown(result: ExperimentResult) -> str:
-    """A short table of the outcome: NFE, final error, digit scores, gamma range and how often the applied
-    gamma left 1, divergence."""
+    """A short table of the outcome: NFE, final error, digit scores, gamma range, how often the applied
+    gamma left 1 and where it went (a move of 1e-4 counts: the range says how far), divergence."""
     exp = result.experiment
     lines = [
         f"**{exp.model}**, {exp.solver}, {exp.schedule}, NFE {exp.nfe} "
         f"({len(result.comparison.sigmas) - 1} steps), batch {exp.batch}, seed {exp.seed}",
         "",
-        "| run | NFE | final err_ref | FD-MNIST | confidence | gamma raw (min .. max) | gamma moved off 1 "
+        "| run | NFE | final err_ref | FD-MNIST | confidence | gamma raw (min .. max) | gamma moved off 1 (range) "
         "| diverged at |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -412,6 +412,7 @@ def summary_markdown(result: ExperimentResult) -> str:
         raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None and math.isfinite(r.gamma_raw)]
         score = result.scores.get(name, {})
         ruled, moved = run.gamma_moves
+        applied = [g for g in run.moved_gammas if math.isfinite(g)]
         cells = [
             name,
             str(run.nfe_total),
@@ -419,7 +420,7 @@ def summary_markdown(result: ExperimentResult) -> str:
             _fmt(score.get("fd_mnist")),
             _fmt(score.get("confidence")),
             f"{min(raw):.3g} .. {max(raw):.3g}" if raw else "-",
-            f"{moved} of {ruled} steps" if name == "stein" and ruled else "-",
+            _moves(moved, ruled, applied) if name == "stein" and ruled else "-",
             "-" if run.first_nonfinite_step is None else f"step {run.first_nonfinite_step}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -430,6 +431,11 @@ def summary_markdown(result: ExperimentResult) -> str:
             "the images are the autoencoder's decoding of the latents.",
         ]
     return "\n".join(lines)
+
+
+def _moves(moved: int, ruled: int, applied: list[float]) -> str:
+    """'3 of 5 steps (0.27 .. 1.04)': the steps whose applied gamma left 1, and the range it went to."""
+    return f"{moved} of {ruled} steps" + (f" ({min(applied):.3g} .. {max(applied):.3g})" if applied else "")
 
 
 def _fmt(value: float | None) -> str:

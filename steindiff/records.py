@@ -110,8 +110,12 @@ class RunResult:
     def gamma_moves(self) -> tuple[int, int]:
         """(steps where the rule ran, those of them whose gamma was not 1): where the Stein coefficient
         changed the solver's step (a run that only observes records gamma = 1 throughout)."""
-        ruled = [r for r in self.trace if r.gamma_raw is not None]
-        return len(ruled), sum(r.gamma != 1 for r in ruled)
+        return sum(r.gamma_raw is not None for r in self.trace), len(self.moved_gammas)
+
+    @property
+    def moved_gammas(self) -> list[float]:
+        """The applied gamma at each step where the rule ran and gamma was not 1, in step order."""
+        return [r.gamma for r in self.trace if r.gamma_raw is not None and r.gamma != 1]
 
     def summary(self) -> dict[str, Any]:
         """The JSON form: ``trace``, ``final`` and ``nfe_total``."""

@@ -39,8 +39,9 @@ def test_image_runs_are_channels_last_on_the_cpu_unless_they_need_functorch():
         assert torch.allclose(model(x, torch.tensor(2.0)), load_model("mnist")(x, torch.tensor(2.0)), atol=1e-5)
 
 
-def test_the_summary_says_at_how_many_steps_the_applied_gamma_moved_off_1():
-    """The literal rule moves gamma at every step; a clip to [1, 1] never does, and its run is vanilla's."""
+def test_the_summary_says_at_how_many_steps_the_applied_gamma_moved_off_1_and_where_to():
+    """The literal rule moves gamma at every step (the table gives the range it went to); a clip to [1, 1]
+    never does, and its run is vanilla's."""
     catalog = ModelCatalog()
     no_lipschitz = DiagnosticsConfig(lipschitz=False)
 
@@ -52,7 +53,9 @@ def test_the_summary_says_at_how_many_steps_the_applied_gamma_moved_off_1():
     literal, held = run(0.1, math.inf), run(1.0, 1.0)
     steps = len(literal.comparison.sigmas) - 1
     assert literal.comparison.stein.gamma_moves == (steps, steps)
-    assert f"| {steps} of {steps} steps |" in summary_markdown(literal)
+    moved = literal.comparison.stein.moved_gammas
+    assert len(moved) == steps and all(g != 1 for g in moved)
+    assert f"| {steps} of {steps} steps ({min(moved):.3g} .. {max(moved):.3g}) |" in summary_markdown(literal)
     assert held.comparison.stein.gamma_moves == (steps, 0) and f"| 0 of {steps} steps |" in summary_markdown(held)
     assert torch.equal(held.comparison.stein.samples, held.comparison.vanilla.samples)
     vanilla_row = next(line for line in summary_markdown(held).splitlines() if line.startswith("| vanilla"))
