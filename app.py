@@ -50,7 +50,10 @@ the errors compound: the red/blue curves of *error to the reference* climb inste
 The paper bounds L <= sigma'/sigma + h L_D (dashed) for a first-order step (DDIM, Euler).
 Higher-order and two-evaluation steps weight the denoiser more and can lie above the dashed line:
 on `mnist` DPM-Solver++(3M), UniPC and Heun do (Heun's first, large step at NFE 5: L = 5.4 against 0.23),
-DPM-Solver++(2M) by about 1%.
+DPM-Solver++(2M) by about 1%. Look-ahead steps (UniPC, `sc-lookahead`, the `+lookahead` solvers) take
+as m0 the denoiser at the previous step's look-ahead point: their Lipschitz estimate lets it move with
+the state, as a one-evaluation step's D(x_k) does (held fixed, their last step would read L = 0). The
+divergence panel shows the rule's own statistic, with m0 held fixed.
 
 ### The Stein correction
 SteinDiff replaces T(x_k) by (1 - gamma) x_k + gamma T(x_k), with gamma chosen in closed form to

@@ -89,7 +89,7 @@ def _walk_multistep(
     and the denoised values at every level but the last."""
     states, denoised, history = [x], [], ()
     for k in range(len(sigmas) - 1):
-        x_next, d, history = dpmpp_3m_step(denoise, states[-1], sigmas, k, history, _THIRD_ORDER)
+        x_next, d, history, _ = dpmpp_3m_step(denoise, states[-1], sigmas, k, history, _THIRD_ORDER)
         states.append(x_next)
         denoised.append(d)
     return states, denoised

@@ -117,6 +117,7 @@ def _integrate(
     counter = CountingDenoiser(denoiser)
     probe_gen = stream_generator(seed, PROBE_STREAM)
     history: tuple[torch.Tensor, ...] = ()
+    ahead_point: torch.Tensor | None = None  # where history[0] was evaluated, for a look-ahead evaluation
     states, denoised_list, trace, maps = [x.detach()], [], [], []
     for k in range(len(grid) - 1):
         sigma, sigma_next = grid[k], grid[k + 1]
@@ -149,11 +150,13 @@ def _integrate(
                     tuple(h[:n] for h in history),
                     gamma[:n] if gamma is not None and gamma.ndim == 1 else gamma,
                     1.0 if stats is None else stats.scale,
+                    None if ahead_point is None else ahead_point[:n],
                 )
             )
         else:
             maps.append(None)
         history = tuple(h.detach() for h in result.history)
+        ahead_point = None if result.ahead_point is None else result.ahead_point.detach()
         if keep_states:
             states.append(x_next)
             denoised_list.append(result.denoised.detach())
@@ -199,7 +202,8 @@ def _step_with_fd_probes(
         joint = spec.step(denoise, stacked, grid, k, repeated, options)
     t = joint.x_next[:batch]
     jv = (joint.x_next[batch:].reshape(v.shape) - t) / h
-    result = StepResult(t, joint.denoised[:batch], tuple(part[:batch] for part in joint.history))
+    ahead = None if joint.ahead_point is None else joint.ahead_point[:batch]
+    result = StepResult(t, joint.denoised[:batch], tuple(part[:batch] for part in joint.history), ahead)
     return result, hutchinson(v, jv, grid[k + 1] / grid[k])
 
 
@@ -240,11 +244,15 @@ def _step_with_vjp_probes(
                 products.append(divergence(part.x_next, x_in, "exact", 0, generator).per_sample)
             else:
                 products.append(vjp_products(part.x_next, x_in, v[:, rows], stein.products == "vjp-batched"))
-        parts.append(StepResult(part.x_next.detach(), part.denoised.detach(), tuple(h.detach() for h in part.history)))
+        ahead = None if part.ahead_point is None else part.ahead_point.detach()
+        parts.append(
+            StepResult(part.x_next.detach(), part.denoised.detach(), tuple(h.detach() for h in part.history), ahead)
+        )
     result = StepResult(
         torch.cat([p.x_next for p in parts]),
         torch.cat([p.denoised for p in parts]),
         tuple(torch.cat(hs) for hs in zip(*(p.history for p in parts), strict=True)),
+        None if parts[0].ahead_point is None else torch.cat([p.ahead_point for p in parts]),
     )
     if v is None:
         return result, DivergenceEstimate(torch.cat(products), 0.0)

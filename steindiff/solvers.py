@@ -38,11 +38,14 @@ History = tuple[torch.Tensor, ...]
 
 
 class StepResult(NamedTuple):
-    """What one step returns: the candidate T(x_k), the x0 prediction it made at this step, the next history."""
+    """What one step returns: the candidate T(x_k), the x0 prediction it made at this step, the next history,
+    and, where the next history's newest output is a look-ahead evaluation (UniPC, the look-ahead corrector),
+    the point it was evaluated at (at the next step's noise level; None otherwise)."""
 
     x_next: torch.Tensor
     denoised: torch.Tensor
     history: History
+    ahead_point: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -197,9 +200,9 @@ def unipc_step(
     m_new = denoise(x_pred, _sig(sigma_next, x))
     keep = (m_new, *outputs)[: options.unipc_order]
     if not options.unipc_corrector:
-        return StepResult(x_pred, m_new, keep)
+        return StepResult(x_pred, m_new, keep, x_pred)
     correction = sum(rho * d for rho, d in zip(rhos_c[:-1], d1s, strict=True)) + rhos_c[-1] * (m_new - m0)
-    return StepResult(base - b_h * correction, m_new, keep)
+    return StepResult(base - b_h * correction, m_new, keep, x_pred)
 
 
 def heun_step(
@@ -275,7 +278,7 @@ def _lookahead(base: StepFn, weight: float) -> StepFn:
             return predicted
         d_ahead = denoise(predicted.x_next, _sig(sigma_next, x))
         x_next = predicted.x_next + weight * (1 - sigma_next / sigma) * (d_ahead - predicted.denoised)
-        return StepResult(x_next, predicted.denoised, (d_ahead, *predicted.history))
+        return StepResult(x_next, predicted.denoised, (d_ahead, *predicted.history), predicted.x_next)
 
     return step
 

@@ -34,12 +34,14 @@ __all__ = ["MapAtStep", "measure_lipschitz"]
 @dataclass(frozen=True)
 class MapAtStep:
     """What the Lipschitz estimate of one run's applied map at one step needs (first samples only): the
-    state, the history held fixed, the applied coefficient and the scale of the combination."""
+    state, the history held fixed, the applied coefficient, the scale of the combination and, where
+    history[0] is a look-ahead evaluation, the point it was evaluated at."""
 
     x: torch.Tensor
     history: tuple[torch.Tensor, ...]
     gamma: torch.Tensor | None  # the applied coefficient (0-d or per sample), None for the plain step
     scale: float
+    ahead_point: torch.Tensor | None = None
 
 
 Quantity = Literal["step", "denoiser", "flow"]
@@ -125,8 +127,17 @@ def _step_map(
 ) -> DenoiserMap:
     """The applied map of step k, (1 - gamma) scale z + gamma T(z), with the run's history held fixed; with
     ``with_denoiser`` also D(z, sigma_k), the value of the step's one network call (its solver's
-    ``one_call_at_input``)."""
+    ``one_call_at_input``).
+
+    Where history[0] is a look-ahead evaluation m0 = D(p, sigma_k) made at a point p other than the state
+    (UniPC's predictor point, the look-ahead corrector's), it moves with the state: m0(z) = D(p + z - x_k,
+    sigma_k), the value at z = x_k and dm0/dz = dD/dx at p (the solver-math notes, section 2, on UniPC:
+    option (a)). Held fixed, it would leave such a step only the dependence through its new evaluation,
+    none at the last step, where T = P(x; m0) has dT/dx = (sigma_{k+1}/sigma_k) I = 0: L far below a
+    one-evaluation step's a I + b dD/dx from the same states. This costs one network call more a map.
+    """
     gamma = _per_sample(m.gamma, len(m.x), m.x)
+    sigma_k = torch.tensor(grid[k], dtype=m.x.dtype, device=m.x.device)
 
     def step_map(denoise: DenoiseFn, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -135,7 +146,10 @@ def _step_map(
             calls.append((x, denoise(x, sigma)))
             return calls[-1][1]
 
-        step = spec.step(recorded if with_denoiser else denoise, z, grid, k, m.history, options)
+        history = m.history
+        if m.ahead_point is not None:
+            history = (denoise(m.ahead_point + (z - m.x), sigma_k), *history[1:])
+        step = spec.step(recorded if with_denoiser else denoise, z, grid, k, history, options)
         applied = combine(z, step.x_next, gamma, m.scale)
         if not with_denoiser:
             return (applied,)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from steindiff import DiagnosticsConfig, SteinConfig, compare, initial_noise, load_model, make_sigmas, sample, sampling
+from steindiff.solvers import SolverOptions, get_solver
 
 REQUIRED = {"sigma", "sigma_next", "gamma_raw", "gamma", "s_xu", "s_uu", "s_div", "lipschitz_max", "err_ref", "nfe"}
 
@@ -129,6 +130,44 @@ def test_lipschitz_of_the_corrected_map_includes_gamma():
     ratio = result.sigmas[1] / result.sigmas[0]  # T is nearly linear at sigma = 80: J_T ~ ratio * I
     assert van.lipschitz_max == pytest.approx(ratio, rel=0.05)
     assert cor.lipschitz_max == pytest.approx(abs(1 - cor.gamma + cor.gamma * ratio), rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("solver", "stein"),
+    [
+        ("ddim+lookahead", None),
+        ("unipc", None),
+        ("ddim", SteinConfig(gamma_min=1.0, gamma_max=1.0, lookahead=True, products="fd")),  # the app's probes
+    ],
+)
+def test_a_look_ahead_steps_lipschitz_moves_its_look_ahead_evaluation_with_the_state(solver, stein):
+    """A look-ahead step's m0 = D(p, sigma_k) was evaluated at a point p other than x_k; its Lipschitz
+    estimate is of z -> T(z; D(p + z - x_k)): here against the 2x2 Jacobians' exact norms. Held fixed, m0
+    would leave the last step (T = m0) a Jacobian of 0; moved, it is the denoiser's at p, in closed form."""
+    model = load_model("gmm-ring")
+    sigmas = make_sigmas("karras", 5).tolist()
+    n = 6
+    x = initial_noise(12, (2,), sigmas[0], seed=5, dtype=torch.float64)
+    diagnostics = DiagnosticsConfig(reference=False, lipschitz_samples=n)
+    run = sample(model, x, sigmas, solver, stein=stein, diagnostics=diagnostics)
+    spec, options = get_solver(solver if stein is None else f"{solver}+lookahead"), SolverOptions()
+    history, point = (), None  # the run's history and where its newest output was evaluated, replayed
+    for k, record in enumerate(run.trace):
+        state = run.states[k][:n]
+
+        def step(z, k=k, state=state, point=point, history=tuple(h[:n] for h in history)):
+            live = history if point is None else (model(point[:n] + z - state, sigmas[k]), *history[1:])
+            return spec.step(model, z, sigmas, k, live, options).x_next
+
+        jacobians = torch.func.jacrev(lambda z, step=step: step(z).sum(0))(state).transpose(0, 1)
+        assert record.lipschitz_max == pytest.approx(float(torch.linalg.matrix_norm(jacobians, 2).max()), rel=1e-6)
+        if k == len(run.trace) - 1:
+            closed_form = torch.linalg.matrix_norm(model.jacobian(point[:n], sigmas[k]), 2).max()
+            assert record.lipschitz_max == pytest.approx(float(closed_form), rel=1e-6)
+            assert record.lipschitz_max > 0.1
+        result = spec.step(model, run.states[k], sigmas, k, history, options)
+        history, point = result.history, result.ahead_point
+        assert point is not None or k == len(run.trace) - 1
 
 
 def test_the_papers_bound_holds_along_the_solvers_own_steps_only():
