@@ -233,7 +233,7 @@ def main() -> None:
         "(DDIM and DPM-Solver++(3M) on logSNR, with two more runs beside them for 70 of those minutes); "
         "`stein-safe` on DPM-Solver++(3M), Karras, 38 (2 threads), on DDIM, logSNR, 39, on "
         "DPM-Solver++(2M), logSNR, 38, and on DPM-Solver++(3M), logSNR, 42; "
-        "`sc-noise` on DDIM, Karras, 43 (2 threads). "
+        "`sc-noise` on DDIM, Karras, 43 (2 threads), and on DDIM, logSNR, 50 (with other work beside it). "
         "For UniPC and Heun `sc-lookahead` is `stein-safe`: "
         "they already correct with their look-ahead evaluation. The look-ahead corrector alone (the solvers "
         "`dpmpp_3m+lookahead` on Karras and `dpmpp_2m+lookahead` on logSNR, plain, the same settings and noise; "
