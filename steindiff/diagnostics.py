@@ -37,19 +37,37 @@ class _Products(NamedTuple):
     jvp: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # w -> (J_i w for every output i)
     vjp: Callable[[torch.Tensor, int], torch.Tensor]  # (g, i) -> J_i^T g
     outputs: tuple[torch.Tensor, ...]  # the map's outputs at the point (detached)
+    first: tuple[torch.Tensor, ...] | None  # J_i q for the direction q given with known outputs, else None
 
 
-def _products(fn: OutputsFn, x: torch.Tensor, mode: JacobianMode) -> _Products:
+def _products(
+    fn: OutputsFn,
+    x: torch.Tensor,
+    mode: JacobianMode,
+    known: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None,
+) -> _Products:
     """Products of fn's Jacobians at x: J w by forward mode, double VJP or forward difference; J^T g by a VJP.
-    An output that does not depend on x has J = 0."""
+    An output that does not depend on x has J = 0.
+
+    ``known`` (mode "fd"): fn's outputs at x, already computed, and a first direction q. The graph for the
+    VJPs is then recorded at x + h q, the forward difference's point along q, which also gives J q: one
+    evaluation of fn fewer. J^T g is then taken at x + h q, within the difference's own error of x.
+    """
     x = x.detach()
+    if known is not None and mode != "fd":
+        raise ValueError(f"known outputs serve forward differences only, not mode {mode!r}")
+    at = x if known is None else x + fd_step(x, known[1]) * known[1]
     with torch.enable_grad():
-        x_in = x.clone().requires_grad_(True)
+        x_in = at.clone().requires_grad_(True)
         out = fn(x_in)
         live = [i for i, o in enumerate(out) if o.requires_grad]
         if mode == "vjp2":  # x -> sum_i J_i^T d_i, whose VJP in d_i is J_i w
             dummies = [torch.zeros_like(out[i], requires_grad=True) for i in live]
             (vjp_graph,) = torch.autograd.grad([out[i] for i in live], x_in, grad_outputs=dummies, create_graph=True)
+    outputs = tuple(o.detach() for o in out) if known is None else known[0]
+
+    def difference(at_step: Sequence[torch.Tensor], h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple((o.detach() - o_x) / h for o, o_x in zip(at_step, outputs, strict=True))
 
     def jvp(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if mode == "jvp":
@@ -57,7 +75,7 @@ def _products(fn: OutputsFn, x: torch.Tensor, mode: JacobianMode) -> _Products:
         if mode == "fd":
             h = fd_step(x, w)
             with torch.no_grad():
-                return tuple((o - o_x.detach()) / h for o, o_x in zip(fn(x + h * w), out, strict=True))
+                return difference(fn(x + h * w), h)
         with torch.enable_grad():
             products = torch.autograd.grad(vjp_graph, dummies, grad_outputs=w, retain_graph=True)
         by_output = dict(zip(live, products, strict=True))
@@ -69,7 +87,8 @@ def _products(fn: OutputsFn, x: torch.Tensor, mode: JacobianMode) -> _Products:
         with torch.enable_grad():
             return torch.autograd.grad(out[output], x_in, grad_outputs=g, retain_graph=True)[0]
 
-    return _Products(jvp, vjp, tuple(o.detach() for o in out))
+    first = None if known is None else difference(out, fd_step(x, known[1]))
+    return _Products(jvp, vjp, outputs, first)
 
 
 def jacobian_rows(fn: MapFn, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +153,7 @@ def jacobian_norms(
     exact_max_dim: int = 16,
     start: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    outputs: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`local_lipschitz` for a map with several outputs: the spectral norm of each output's Jacobian at
     each sample of ``x``, a tuple of (B,) tensors, all from the Krylov space of the first output.
@@ -143,6 +163,10 @@ def jacobian_norms(
     evaluations that give the first output's, so a second output computed along the first costs no network
     call: the denoiser call a solver step makes at its own input gives the denoiser's estimate along the
     step's. Up to ``exact_max_dim`` dimensions every output's norm is exact (d VJPs each).
+
+    ``outputs``, fn's outputs at ``x`` where the caller has them (a solver run has its steps' values), spare
+    forward differences one evaluation of fn: the graph for the VJPs is recorded at x + h q_1 instead of x,
+    which also gives J q_1 (the VJPs are then taken within the difference's own error of x).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -150,13 +174,14 @@ def jacobian_norms(
         return tuple(
             torch.linalg.matrix_norm(jacobian.to(torch.float64), ord=2).to(x.dtype) for jacobian in _jacobians(fn, x)
         )
-    products = _products(fn, x, mode)
     w = krylov_start(x, generator) if start is None else start
     tiny = torch.finfo(x.dtype).tiny
     q = _per_sample_normalise(w.to(dtype=x.dtype, device=x.device)).flatten(1)
+    products = _products(fn, x, mode, None if outputs is None else (outputs, q.reshape(x.shape)))
     basis, images = [q], []
-    for _ in range(iters):
-        image = [product.detach() for product in products.jvp(q.reshape(x.shape))]
+    for i in range(iters):
+        first = products.first if i == 0 and products.first is not None else products.jvp(q.reshape(x.shape))
+        image = [product.detach() for product in first]
         images.append(image)
         residual = products.vjp(image[0], 0).detach().flatten(1)
         scale = residual.norm(dim=1, keepdim=True)

@@ -151,6 +151,8 @@ def _integrate(
                     gamma[:n] if gamma is not None and gamma.ndim == 1 else gamma,
                     1.0 if stats is None else stats.scale,
                     None if ahead_point is None else ahead_point[:n],
+                    x_next[:n],
+                    result.denoised[:n].detach(),
                 )
             )
         else:

@@ -34,14 +34,18 @@ __all__ = ["MapAtStep", "measure_lipschitz"]
 @dataclass(frozen=True)
 class MapAtStep:
     """What the Lipschitz estimate of one run's applied map at one step needs (first samples only): the
-    state, the history held fixed, the applied coefficient, the scale of the combination and, where
-    history[0] is a look-ahead evaluation, the point it was evaluated at."""
+    state, the history held fixed, the applied coefficient, the scale of the combination, where history[0]
+    is a look-ahead evaluation the point it was evaluated at, and, where the run has them, the map's values
+    at the state: the next state and the step's x0 prediction (which saves forward differences an
+    evaluation)."""
 
     x: torch.Tensor
     history: tuple[torch.Tensor, ...]
     gamma: torch.Tensor | None  # the applied coefficient (0-d or per sample), None for the plain step
     scale: float
     ahead_point: torch.Tensor | None = None
+    x_next: torch.Tensor | None = None
+    denoised: torch.Tensor | None = None
 
 
 Quantity = Literal["step", "denoiser", "flow"]
@@ -57,6 +61,7 @@ class _LipschitzJob:
     stream: tuple[int, ...]  # of the Krylov start vectors
     record: StepRecord
     quantities: tuple[Quantity, ...]
+    outputs: tuple[torch.Tensor, ...] | None = None  # fn's outputs at x, where the run computed them
 
 
 def measure_lipschitz(
@@ -84,9 +89,11 @@ def measure_lipschitz(
     estimate of their block-diagonal joint map, whose network calls run as one batched call a round
     (:func:`steindiff.lockstep.lockstep`), gives all of them, in groups of at most ``config.lipschitz_batch``
     samples. Each map keeps its own start vectors, so the estimates do not depend on the grouping (to
-    float rounding). Forward-mode AD is per thread: with ``jacobian_mode`` "jvp" every map is estimated
-    alone. A step's ``diagnostics_time_s`` is its maps' share (by samples) of the time of the groups they
-    ran in.
+    float rounding). With forward differences, the step maps whose values the runs computed
+    (``MapAtStep.x_next``) are grouped apart from the others: their estimates take one evaluation fewer
+    (:func:`steindiff.diagnostics.jacobian_norms`, ``outputs``). Forward-mode AD is per thread: with
+    ``jacobian_mode`` "jvp" every map is estimated alone. A step's ``diagnostics_time_s`` is its maps' share
+    (by samples) of the time of the groups they ran in.
     """
     options = options or SolverOptions()
     jobs = []
@@ -99,7 +106,10 @@ def measure_lipschitz(
             along = bound and spec.one_call_at_input
             step = _step_map(spec, grid, k, m, options, with_denoiser=along)
             quantities: tuple[Quantity, ...] = ("step", "denoiser") if along else ("step",)
-            jobs.append(_LipschitzJob(step, m.x, (k, 0, index), record, quantities))
+            known = None
+            if config.jacobian_mode == "fd" and m.x_next is not None:
+                known = (m.x_next, m.denoised) if along else (m.x_next,)
+            jobs.append(_LipschitzJob(step, m.x, (k, 0, index), record, quantities, known))
             if config.flow_lipschitz and denoiser.exact:
                 flow = _flow_map(grid[k], grid[k + 1], config.flow_log_step)
                 jobs.append(_LipschitzJob(flow, m.x, (k, 2, index), record, ("flow",)))
@@ -108,13 +118,15 @@ def measure_lipschitz(
             elif bound and not along:
                 jobs.append(_LipschitzJob(_denoiser_map(grid[k]), m.x, (k, 1, index), record, ("denoiser",)))
     limit = 0 if config.jacobian_mode == "jvp" else config.lipschitz_batch
-    for group in _groups(jobs, limit):
+    known = [job for job in jobs if job.outputs is not None]  # grouped apart: their estimate takes another path
+    for group in _groups(known, limit) + _groups([job for job in jobs if job.outputs is None], limit):
         start = time.perf_counter()
         x = torch.cat([job.x for job in group])
         w = torch.cat([krylov_start(job.x, stream_generator(seed, LIPSCHITZ_STREAM, *job.stream)) for job in group])
         width = max(len(job.quantities) for job in group)
         joint = lockstep(denoiser, [_padded(job.fn, width) for job in group], [len(job.x) for job in group])
-        constants = jacobian_norms(joint, x, config.lipschitz_iters, config.jacobian_mode, start=w)
+        outputs = _joint_outputs(group, width)
+        constants = jacobian_norms(joint, x, config.lipschitz_iters, config.jacobian_mode, start=w, outputs=outputs)
         elapsed = time.perf_counter() - start
         for job, part in zip(group, _slices([len(job.x) for job in group]), strict=True):
             for quantity, output_constants in zip(job.quantities, constants, strict=False):
@@ -178,6 +190,17 @@ def _padded(fn: DenoiserMap, width: int) -> DenoiserMap:
         return (*outputs, *(torch.zeros_like(outputs[0]) for _ in range(width - len(outputs))))
 
     return padded
+
+
+def _joint_outputs(group: list[_LipschitzJob], width: int) -> tuple[torch.Tensor, ...] | None:
+    """The joint map's outputs at its input, as :func:`_padded` pads them, where the maps' are known."""
+    if group[0].outputs is None:
+        return None
+    padded = []
+    for job in group:
+        zero = torch.zeros_like(job.outputs[0])
+        padded.append((*job.outputs, *(zero for _ in range(width - len(job.outputs)))))
+    return tuple(torch.cat(parts) for parts in zip(*padded, strict=True))
 
 
 def _groups(jobs: list[_LipschitzJob], max_samples: int) -> list[list[_LipschitzJob]]:

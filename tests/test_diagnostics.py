@@ -161,3 +161,31 @@ def test_forward_difference_krylov_matches_the_double_vjp_on_the_unet():
             for mode in ("vjp2", "fd")
         }
         assert torch.allclose(by_mode["fd"], by_mode["vjp2"], rtol=0.01)
+
+
+def test_known_outputs_spare_forward_differences_one_evaluation():
+    """Given the map's outputs at x, the forward-difference estimate records its graph at x + h q_1 and
+    takes J q_1 from it: one evaluation fewer, the same estimate within the difference's error (float32
+    UNet step). The outputs given are the differences' base: wrong ones give a wrong estimate."""
+    model = load_model("mnist")
+    sigmas = make_sigmas("karras", 4, model.sigma_min, model.sigma_max).tolist()
+    run = sample(model, initial_noise(3, model.event_shape, sigmas[0], seed=1), sigmas, "dpmpp_2m")
+    k = 1
+    step = _step_map(model, "dpmpp_2m", sigmas, k, tuple(run.denoised[:k]))
+    evaluations = []
+
+    def fn(z):
+        evaluations.append(len(z))
+        return (step(z),)
+
+    x, start = run.states[k], torch.randn(run.states[k].shape, generator=torch.Generator().manual_seed(3))
+    (recomputed,) = jacobian_norms(fn, x, 3, "fd", start=start)
+    assert len(evaluations) == 1 + 4  # the graph at x, then J q_1 .. J q_4
+    evaluations.clear()
+    (known,) = jacobian_norms(fn, x, 3, "fd", start=start, outputs=(run.states[k + 1],))
+    assert len(evaluations) == 4
+    torch.testing.assert_close(known, recomputed, rtol=2e-3, atol=0)
+    (wrong,) = jacobian_norms(fn, x, 3, "fd", start=start, outputs=(run.states[k + 1] + 0.01,))
+    assert (wrong > 2 * recomputed).all()
+    with pytest.raises(ValueError, match="forward differences only"):
+        jacobian_norms(fn, x, 3, "vjp2", start=start, outputs=(run.states[k + 1],))

@@ -127,23 +127,31 @@ def test_lipschitz_estimates_do_not_depend_on_how_the_maps_are_grouped(mode, pro
 def test_the_denoiser_is_estimated_along_a_step_whose_one_call_is_at_its_input():
     """DDIM's one network call is D at the step's input: the denoiser's estimate comes from the step's calls,
     on its Krylov space, with no map of its own, and the step's estimate stays under the paper's bound from
-    it. Heun calls twice: its denoiser keeps a map of its own."""
+    it. Heun calls twice: its denoiser keeps a map of its own (estimated apart from the step maps, whose
+    values the run computed)."""
     model = load_model("mnist").double()
     sigmas = make_sigmas("karras", 3, model.sigma_min, model.sigma_max)
     x = initial_noise(2, model.event_shape, float(sigmas[0]), seed=4, dtype=torch.float64)
     diagnostics = DiagnosticsConfig(lipschitz_samples=2, lipschitz_iters=2, jacobian_mode="fd", reference=False)
-    batches = []
-    hook = model.register_forward_hook(lambda _module, inputs, _output: batches.append(len(inputs[0])))
-    widest = {}
+    calls = []  # the noise levels of each network call's samples
+
+    def log(_module, inputs, _output):
+        calls.append(sorted(model.per_sample_sigma(*inputs).tolist()))
+
+    hook = model.register_forward_hook(log)
+    levels = {}
     for solver in ("ddim", "heun"):
-        batches.clear()
+        calls.clear()
         result = compare(model, x, sigmas, solver, None, diagnostics=diagnostics)
-        widest[solver] = max(batches)
+        levels[solver] = [c for c in calls if len(c) > len(x)]  # the sampling's calls take the 2 samples
         assert all(r.lipschitz_denoiser_max > 0 for r in result.vanilla.trace[:-1]), solver
         if solver == "ddim":
             assert all(r.lipschitz_max <= r.bound_paper * (1 + 1e-6) for r in result.vanilla.trace[:-1])
     hook.remove()
-    assert widest == {"ddim": 3 * 2, "heun": (3 + 2) * 2}  # 2 samples a map: 3 steps (+ 2 denoiser maps)
+    grid = sigmas.tolist()
+    assert levels["ddim"] and all(c == sorted(grid[:3] * 2) for c in levels["ddim"])  # 3 step maps, no more
+    denoiser_maps = sorted(grid[:2] * 2)  # at the inputs of steps 0 and 1 (the bound is infinite at the last)
+    assert sum(c == denoiser_maps for c in levels["heun"]) == 1 + 3  # D(x), then J q_1, J q_2, J q_3
     flagged = dataclasses.replace(get_solver("heun"), one_call_at_input=True)  # a wrong flag is caught
     first_step = [MapAtStep(x, (), None, 1.0), None, None]
     with pytest.raises(RuntimeError, match="one network call at its input"):

@@ -171,6 +171,36 @@ def test_a_look_ahead_steps_lipschitz_moves_its_look_ahead_evaluation_with_the_s
         assert point is not None or k == len(run.trace) - 1
 
 
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"])
+def test_forward_difference_lipschitz_from_the_runs_own_values_matches_the_double_vjp(solver):
+    """With forward differences the step maps' values at the runs' states come from the runs
+    (``MapAtStep.x_next``, ``.denoised``), not from an evaluation of their own: the estimates must still be the
+    double VJP's (float32 mnist; the app's vanilla run and default rule). A value that is not the map's would
+    make every forward difference wrong by (error) / h, h about 3e-4 of the state's norm."""
+    model = load_model("mnist")
+    sigmas = make_sigmas("karras", 4, model.sigma_min, model.sigma_max)
+    x = initial_noise(6, model.event_shape, float(sigmas[0]), seed=2)
+    stein = SteinConfig(probes=1, products="fd", lookahead=True, gamma_max=2.0)
+    by_mode = {
+        mode: compare(
+            model,
+            x,
+            sigmas,
+            solver,
+            stein,
+            diagnostics=DiagnosticsConfig(reference=False, lipschitz_samples=3, lipschitz_iters=3, jacobian_mode=mode),
+            seed=4,
+        )
+        for mode in ("fd", "vjp2")
+    }
+    fields = ("lipschitz_max", "lipschitz_median", "lipschitz_denoiser_max")
+    fd, vjp2 = ([*r.vanilla.trace, *r.stein.trace] for r in by_mode.values())
+    for a, b in zip(fd, vjp2, strict=True):
+        for name in fields:
+            if getattr(b, name) is not None:
+                assert getattr(a, name) == pytest.approx(getattr(b, name), rel=0.02), (a.step, name)
+
+
 def test_the_papers_bound_holds_along_the_solvers_own_steps_only():
     """DDIM: J_T = (sigma'/sigma) I + (1 - sigma'/sigma) J_D, so ||J_T|| <= sigma'/sigma + h ||J_D|| at each
     state (exact 2x2 norms); the bound is on T, so the corrected run, whose map is not T, has none."""
