@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .denoisers import Denoiser, set_layout
+from .denoisers import Denoiser, prepare_for_device
 from .distributed import Shard, gather
 from .noise import initial_noise
 from .quality import QualityMetric
@@ -157,7 +157,7 @@ def run_bench(
     ``on_block`` is called after each block this rank finishes (for a progress bar).
     """
     device = shard.device
-    set_layout(model, device, takes_functorch(config.products))
+    prepare_for_device(model, device, takes_functorch(config.products))
     sigma_min, sigma_max = model.sigma_min, model.sigma_max
     log_step = config.reference_log_step or (0.025 if model.exact else 0.1)
     mine = range(shard.rank, config.blocks, shard.world)

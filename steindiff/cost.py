@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .denoisers import Denoiser, load_model, set_layout
+from .denoisers import Denoiser, load_model, prepare_for_device
 from .noise import initial_noise
 from .records import DiagnosticsConfig
 from .sampling import sample, takes_functorch
@@ -90,8 +90,8 @@ class _Setup:
 
 
 def _run(setup: _Setup, model: Denoiser, sigmas: torch.Tensor, noise: torch.Tensor, case: CostCase) -> float:
-    """Seconds for one sampling run (synchronised on CUDA), in the layout such a run gets (``set_layout``)."""
-    set_layout(model, setup.device, takes_functorch(case.stein.products if case.stein else None))
+    """Seconds for one sampling run (synchronised on CUDA), in the layout such a run gets (``prepare_for_device``)."""
+    prepare_for_device(model, setup.device, takes_functorch(case.stein.products if case.stein else None))
     start = time.perf_counter()
     sample(model, noise, sigmas, setup.solver, stein=case.stein, diagnostics=NO_DIAGNOSTICS, keep_states=False)
     if setup.device.startswith("cuda"):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .denoisers import MODELS, Denoiser, load_denoiser, load_model, set_layout
+from .denoisers import MODELS, Denoiser, load_denoiser, load_model, prepare_for_device
 from .denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
 from .metrics import DIGIT_SHAPE, load_classifier, score_digits
 from .noise import initial_noise
@@ -251,7 +251,7 @@ def run_experiment(
     experiment.check(models, limits)
     products = experiment.stein.products if experiment.stein else None
     functorch = takes_functorch(products, experiment.diagnostics.jacobian_mode)
-    model = set_layout(models.get(experiment.model, experiment.device), experiment.device, functorch)
+    model = prepare_for_device(models.get(experiment.model, experiment.device), experiment.device, functorch)
     steps = SOLVERS[experiment.solver].steps_for_nfe(experiment.nfe)
     sigma_min, sigma_max = experiment.sigma_min or model.sigma_min, experiment.sigma_max or model.sigma_max
     sigmas = make_sigmas(experiment.schedule, steps, sigma_min, sigma_max)  # refuses sigma_min > sigma_max

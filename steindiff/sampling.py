@@ -33,7 +33,7 @@ __all__ = ["compare", "sample", "takes_functorch"]
 
 def takes_functorch(products: str | None, jacobian_mode: JacobianMode = "vjp2") -> bool:
     """Whether a run with these probe products (None: no correction) and Lipschitz Jacobian mode takes
-    functorch transforms (gradients batched by vmap, forward-mode AD): ``denoisers.set_layout``'s
+    functorch transforms (gradients batched by vmap, forward-mode AD): ``denoisers.prepare_for_device``'s
     ``functorch``, as both fail on channels-last activations."""
     return products == "vjp-batched" or jacobian_mode == "jvp"
 

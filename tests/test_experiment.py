@@ -1,10 +1,11 @@
-"""Runs as the app and the CLI make them (``run_experiment``): the layout each run gives the network."""
+"""Runs as the app and the CLI make them (``run_experiment``): the layout and precision each run gives the network."""
 
 import math
 
 import torch
 
 from steindiff import initial_noise, load_model
+from steindiff.denoisers import prepare_for_device
 from steindiff.experiment import Experiment, ModelCatalog, run_experiment
 from steindiff.plots import summary_markdown
 from steindiff.records import DiagnosticsConfig
@@ -37,6 +38,24 @@ def test_image_runs_are_channels_last_on_the_cpu_unless_they_need_functorch():
     x = initial_noise(4, model.event_shape, 2.0, seed=0)
     with torch.no_grad():
         assert torch.allclose(model(x, torch.tensor(2.0)), load_model("mnist")(x, torch.tensor(2.0)), atol=1e-5)
+
+
+def test_a_run_on_cuda_keeps_float32_convolutions_and_matmuls_out_of_tf32():
+    """PyTorch's default lets cuDNN run float32 convolutions in TF32, whose rounding (5e-4) swamps a forward
+    difference's step (3e-4 of the state): a run on CUDA turns it off. The flags are process-wide and settable
+    without a GPU; a CPU run leaves them alone."""
+    cudnn, cublas = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, cublas.allow_tf32
+    try:
+        cudnn.allow_tf32 = cublas.allow_tf32 = True
+        model = load_model("gmm-ring")
+        prepare_for_device(model, "cpu")
+        assert cudnn.allow_tf32 and cublas.allow_tf32
+        prepare_for_device(model, "cuda")
+        assert not cudnn.allow_tf32 and not cublas.allow_tf32
+        assert cudnn.conv.fp32_precision != "tf32" and cublas.fp32_precision == "ieee"
+    finally:
+        cudnn.allow_tf32, cublas.allow_tf32 = before
 
 
 def test_the_summary_says_at_how_many_steps_the_applied_gamma_moved_off_1_and_where_to():

@@ -1,6 +1,6 @@
 """Denoisers in EDM coordinates: the protocol, exact models and the model registry."""
 
-from .base import CountingDenoiser, Denoiser, ExactDenoiser, set_layout
+from .base import CountingDenoiser, Denoiser, ExactDenoiser, prepare_for_device
 from .empirical import EmpiricalDenoiser, load_digits8, load_mnist
 from .gmm import GMM_PRESETS, GaussianMixture, gmm_preset
 from .networks import PreconditionedDenoiser
@@ -25,6 +25,6 @@ __all__ = [
     "load_digits8",
     "load_mnist",
     "load_model",
+    "prepare_for_device",
     "save_denoiser",
-    "set_layout",
 ]
