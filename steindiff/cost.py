@@ -90,7 +90,8 @@ class _Setup:
 
 
 def _run(setup: _Setup, model: Denoiser, sigmas: torch.Tensor, noise: torch.Tensor, case: CostCase) -> float:
-    """Seconds for one sampling run (synchronised on CUDA), in the layout such a run gets (``prepare_for_device``)."""
+    """Seconds for one sampling run (synchronised on CUDA), the model prepared as for such a run
+    (``prepare_for_device``)."""
     prepare_for_device(model, setup.device, takes_functorch(case.stein.products if case.stein else None))
     start = time.perf_counter()
     sample(model, noise, sigmas, setup.solver, stein=case.stein, diagnostics=NO_DIAGNOSTICS, keep_states=False)

@@ -106,10 +106,10 @@ def measure_lipschitz(
             along = bound and spec.one_call_at_input
             step = _step_map(spec, grid, k, m, options, with_denoiser=along)
             quantities: tuple[Quantity, ...] = ("step", "denoiser") if along else ("step",)
-            known = None
+            values = None
             if config.jacobian_mode == "fd" and m.x_next is not None:
-                known = (m.x_next, m.denoised) if along else (m.x_next,)
-            jobs.append(_LipschitzJob(step, m.x, (k, 0, index), record, quantities, known))
+                values = (m.x_next, m.denoised) if along else (m.x_next,)
+            jobs.append(_LipschitzJob(step, m.x, (k, 0, index), record, quantities, values))
             if config.flow_lipschitz and denoiser.exact:
                 flow = _flow_map(grid[k], grid[k + 1], config.flow_log_step)
                 jobs.append(_LipschitzJob(flow, m.x, (k, 2, index), record, ("flow",)))

@@ -175,8 +175,9 @@ def test_a_look_ahead_steps_lipschitz_moves_its_look_ahead_evaluation_with_the_s
 def test_forward_difference_lipschitz_from_the_runs_own_values_matches_the_double_vjp(solver):
     """With forward differences the step maps' values at the runs' states come from the runs
     (``MapAtStep.x_next``, ``.denoised``), not from an evaluation of their own: the estimates must still be the
-    double VJP's (float32 mnist; the app's vanilla run and default rule). A value that is not the map's would
-    make every forward difference wrong by (error) / h, h about 3e-4 of the state's norm."""
+    double VJP's (float32 mnist; a vanilla run observed with probes, as the app's, and a corrected run with the
+    look-ahead corrector). A value that is not the map's would make every forward difference wrong by
+    (error) / h, h about 3e-4 of the state's norm."""
     model = load_model("mnist")
     sigmas = make_sigmas("karras", 4, model.sigma_min, model.sigma_max)
     x = initial_noise(6, model.event_shape, float(sigmas[0]), seed=2)
