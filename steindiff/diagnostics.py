@@ -172,7 +172,8 @@ def jacobian_norms(
         raise ValueError(f"iters must be >= 1, got {iters}")
     if x[0].numel() <= exact_max_dim:
         return tuple(
-            torch.linalg.matrix_norm(jacobian.to(torch.float64), ord=2).to(x.dtype) for jacobian in _jacobians(fn, x)
+            _where_finite(lambda j: torch.linalg.matrix_norm(j, ord=2), jacobian.to(torch.float64)).to(x.dtype)
+            for jacobian in _jacobians(fn, x)
         )
     w = krylov_start(x, generator) if start is None else start
     tiny = torch.finfo(x.dtype).tiny
@@ -199,8 +200,19 @@ def jacobian_norms(
 def _top_ritz_value(images: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """sqrt of the largest eigenvalue of U^T U, U the images J q_i of the orthonormal basis, per sample."""
     u = torch.stack([image.flatten(1) for image in images], 1).to(torch.float64)  # (B, basis size, d_out)
-    ritz = torch.linalg.eigvalsh(u @ u.transpose(1, 2))[:, -1]
+    ritz = _where_finite(lambda gram: torch.linalg.eigvalsh(gram)[:, -1], u @ u.transpose(1, 2))
     return ritz.clamp_min(0).sqrt().to(dtype)
+
+
+def _where_finite(norm: Callable[[torch.Tensor], torch.Tensor], matrices: torch.Tensor) -> torch.Tensor:
+    """``norm`` of each of a batch of matrices whose entries are all finite, NaN for the others: a map that
+    overflowed at a state of a diverging run (a Jacobian or a product of it non-finite) has no constant to
+    show, and LAPACK's SVD and eigensolvers raise on non-finite input."""
+    finite = matrices.flatten(1).isfinite().all(1)
+    out = torch.full(matrices.shape[:1], math.nan, dtype=matrices.dtype, device=matrices.device)
+    if finite.any():
+        out[finite] = norm(matrices[finite])
+    return out
 
 
 def lipschitz_bound(sigma: float, sigma_next: float, denoiser_lipschitz: float) -> float:

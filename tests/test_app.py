@@ -4,6 +4,7 @@ import inspect
 import json
 import math
 import threading
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
@@ -139,8 +140,6 @@ def test_render_and_download_from_a_real_run(tmp_path):
     lipschitz_axis = figure.layout.yaxis4
     assert "1" in lipschitz_axis.ticktext
     assert list(lipschitz_axis.ticktext) == [f"{v:g}" for v in lipschitz_axis.tickvals]
-    import zipfile
-
     with zipfile.ZipFile(app.write_download(result, tmp_path)) as archive:
         assert {"run.json", "steps.csv"} <= set(archive.namelist())
         assert archive.read("steps.csv").decode().count("\n") == 11  # header + 5 steps x 2 runs
@@ -168,6 +167,25 @@ def test_good_run_over_the_api(server):
     assert "| vanilla | 5 |" in summary_md and "| stein | 5 |" in summary_md
     assert summary["vanilla"]["nfe_total"] == 5 and summary["stein"]["final"]["err_ref"] > 0
     assert out[7] is not None  # the diagnostics figure
+
+
+def test_a_diverging_run_shows_where_it_diverged_and_renders(server):
+    """A coefficient of 10^4 at every step: the corrected run overflows. Its states grow finite but huge
+    first, where the exact flow's Jacobian overflows (shown as missing, no longer a LAPACK error), then
+    turn non-finite: the table, the summary, both figures and the download say where."""
+    diverging = {"solver": "dpmpp_2m", "nfe": 6, "batch": 16, "literal": False, "gamma_min": 1e4, "gamma_max": 1e4}
+    out = _call(Client(server, verbose=False), **diverging)
+    summary_md, particles, diagnostics, summary = out[0], out[6], out[7], out[10]
+    step = summary["stein"]["final"]["first_nonfinite_step"]
+    assert step is not None and summary["vanilla"]["final"]["first_nonfinite_step"] is None
+    assert f"| step {step} |" in summary_md
+    assert f"stein non-finite from step {step}" in diagnostics["plot"]
+    assert "particles non-finite" in particles["plot"]
+    with zipfile.ZipFile(out[11]) as archive:
+        run = json.loads(archive.read("run.json"))["stein"]
+    assert run["final"]["first_nonfinite_step"] == step
+    flow = [r["lipschitz_flow_max"] for r in run["trace"] if r["step"] < step]
+    assert None in flow and any(f is not None for f in flow)
 
 
 @pytest.mark.parametrize(

@@ -189,3 +189,26 @@ def test_known_outputs_spare_forward_differences_one_evaluation():
     assert (wrong > 2 * recomputed).all()
     with pytest.raises(ValueError, match="forward differences only"):
         jacobian_norms(fn, x, 3, "vjp2", start=start, outputs=(run.states[k + 1],))
+
+
+@pytest.mark.parametrize("dim", [2, 20])  # the exact 2-D norms (SVD) and the Krylov estimate (eigvalsh)
+@pytest.mark.parametrize("mode", ["vjp2", "fd"])
+def test_a_map_that_overflows_at_one_sample_gives_nan_there_and_the_others_their_norms(dim, mode):
+    """A diverging run's state can be finite while the map's Jacobian there is not (the exact flow from a
+    state near float32's range): that sample's constant is NaN, not an error from LAPACK, and the others'
+    are what they are without it."""
+    scale = torch.linspace(0.5, 2.0, dim, dtype=F64)
+
+    def fn(z):
+        return (torch.tanh(z) * scale * torch.where(z[:, :1].abs() > 1e3, math.inf, 1.0),)
+
+    x = torch.randn(5, dim, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x[2, 0] = 1e4
+    start = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    (norms,) = jacobian_norms(fn, x, 8, mode, start=start)
+    assert norms[2].isnan()
+    finite = [0, 1, 3, 4]
+    (alone,) = jacobian_norms(fn, x[finite], 8, mode, start=start[finite])
+    torch.testing.assert_close(norms[finite], alone)
+    exact = torch.linalg.matrix_norm(torch.diag_embed(scale / torch.cosh(x[finite]) ** 2), ord=2)
+    torch.testing.assert_close(alone, exact, rtol=1e-4, atol=0)
