@@ -41,8 +41,8 @@ def call_plans(
 
     After a warm-up call with seed 0: the same settings again (everything cached), a new grid for the same
     noise (the Karras grid's call first, then the logSNR grid's: the reference solution is reused, its
-    states on the new grid take no network call on an image model's 3M lattice and four batched calls on
-    a 2-D model's RK4 lattice), and a new seed (the reference is solved anew). ``seed_offset`` moves the
+    states on the new grid take no network call on its 3M lattice), and a new seed (the reference is
+    solved anew). ``seed_offset`` moves the
     seeds those calls draw, so that plans for two clients of one server share no seed.
     """
     if not (repeats >= 1 and seed_offset >= 0 and seed_offset + repeats <= 1000):
