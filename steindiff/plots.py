@@ -430,7 +430,8 @@ def image_views(result: ExperimentResult, step: int, count: int = 16) -> dict[st
 
 def summary_markdown(result: ExperimentResult) -> str:
     """A short table of the outcome: NFE, final error, digit scores, gamma range, how often the applied
-    gamma left 1 and where it went (a move of 1e-4 counts: the range says how far), divergence."""
+    gamma left 1 and where it went (a move of 1e-4 counts: the range says how far), divergence. Digit scores
+    of a run with non-finite samples are marked: they score the images its NaN and infinite pixels make."""
     exp = result.experiment
     lines = [
         f"**{exp.model}**, {exp.solver}, {exp.schedule}, NFE {exp.nfe} "
@@ -440,22 +441,34 @@ def summary_markdown(result: ExperimentResult) -> str:
         "| diverged at |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    marked = False
     for name, run in result.runs().items():
         raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None and math.isfinite(r.gamma_raw)]
         score = result.scores.get(name, {})
         ruled, moved = run.gamma_moves
         applied = [g for g in run.moved_gammas if math.isfinite(g)]
+        lost = run.nonfinite_samples
+        mark = " †" if score and lost else ""
+        marked = marked or bool(mark)
         cells = [
             name,
             str(run.nfe_total),
             _fmt(run.final_err_ref),
-            _fmt(score.get("fd_mnist")),
-            _fmt(score.get("confidence")),
+            _fmt(score.get("fd_mnist")) + mark,
+            _fmt(score.get("confidence")) + mark,
             f"{min(raw):.3g} .. {max(raw):.3g}" if raw else "-",
             _moves(moved, ruled, applied) if name == "stein" and ruled else "-",
-            "-" if run.first_nonfinite_step is None else f"step {run.first_nonfinite_step}",
+            "-"
+            if run.first_nonfinite_step is None
+            else f"step {run.first_nonfinite_step} ({lost} of {len(run.samples)} samples)",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if marked:
+        lines += [
+            "",
+            "†: scored with non-finite samples, whose NaN pixels count as background and infinite ones as ink "
+            "or background: the scores measure those images, not a sampler that worked.",
+        ]
     if getattr(result.model, "autoencoder", None) is not None:
         lines += [
             "",

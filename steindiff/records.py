@@ -107,6 +107,11 @@ class RunResult:
         return next((r.step for r in self.trace if not r.finite), None)
 
     @property
+    def nonfinite_samples(self) -> int:
+        """How many final samples hold a NaN or infinite value."""
+        return int((~torch.isfinite(self.samples.flatten(1))).any(1).sum())
+
+    @property
     def gamma_moves(self) -> tuple[int, int]:
         """(steps where the rule ran, those of them whose gamma was not 1): where the Stein coefficient
         changed the solver's step (a run that only observes records gamma = 1 throughout)."""
@@ -120,12 +125,11 @@ class RunResult:
     def summary(self) -> dict[str, Any]:
         """The JSON form: ``trace``, ``final`` and ``nfe_total``."""
         final_err = self.final_err_ref
-        nonfinite = int((~torch.isfinite(self.samples.flatten(1))).any(1).sum())
         return {
             "trace": [r.as_dict() for r in self.trace],
             "final": {
                 "err_ref": final_err if final_err is not None and math.isfinite(final_err) else None,
-                "nonfinite_samples": nonfinite,
+                "nonfinite_samples": self.nonfinite_samples,
                 "first_nonfinite_step": self.first_nonfinite_step,
             },
             "nfe_total": self.nfe_total,

@@ -14,7 +14,7 @@ from gradio_client import Client
 import app
 from steindiff import interactive
 from steindiff.experiment import ModelCatalog, run_experiment
-from steindiff.plots import _log_ticks, diagnostics_figure, particles_figure
+from steindiff.plots import _log_ticks, diagnostics_figure, particles_figure, summary_markdown
 
 GOOD = {**dict(app.SETTINGS), "model": "gmm-ring", "batch": 64, "gamma_max": 1.0, "literal": True, "rule": "custom"}
 
@@ -147,6 +147,22 @@ def test_render_and_download_from_a_real_run(tmp_path):
     assert sorted(str(next(p.glob("*.zip"))) for p in tmp_path.glob("run-*")) == sorted(newest)  # older ones go
 
 
+def test_digit_scores_of_a_run_with_non_finite_samples_are_marked():
+    """A run that overflows at its second step still gets digit scores (its non-finite pixels scored as
+    background or ink): the table marks them and says what they measure; the vanilla run's stay unmarked."""
+    catalog = ModelCatalog()
+    overflow = {"gamma_min": 1e30, "gamma_max": 1e30, "literal": False, "lipschitz": False, "reference": False}
+    settings = {**dict(app.SETTINGS), "model": "mnist", "batch": 8, "solver": "ddim", "nfe": 6, **overflow}
+    result = run_experiment(app.build_experiment(catalog, *{**settings, "rule": "custom"}.values()), catalog)
+    runs = result.runs()
+    assert runs["stein"].nonfinite_samples == 8 and runs["vanilla"].nonfinite_samples == 0
+    assert math.isfinite(result.scores["stein"]["fd_mnist"])
+    table = summary_markdown(result)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["stein"].count(" †") == 2 and "(8 of 8 samples)" in rows["stein"] and "†" not in rows["vanilla"]
+    assert "†: scored with non-finite samples" in table
+
+
 @pytest.mark.parametrize(
     ("values", "texts"),
     [
@@ -178,7 +194,8 @@ def test_a_diverging_run_shows_where_it_diverged_and_renders(server):
     summary_md, particles, diagnostics, summary = out[0], out[6], out[7], out[10]
     step = summary["stein"]["final"]["first_nonfinite_step"]
     assert step is not None and summary["vanilla"]["final"]["first_nonfinite_step"] is None
-    assert f"| step {step} |" in summary_md
+    lost = summary["stein"]["final"]["nonfinite_samples"]
+    assert lost >= 1 and f"| step {step} ({lost} of 16 samples) |" in summary_md
     assert f"stein non-finite from step {step}" in diagnostics["plot"]
     assert "particles non-finite" in particles["plot"]
     with zipfile.ZipFile(out[11]) as archive:
