@@ -22,12 +22,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .denoisers import Denoiser, prepare_for_device
 from .distributed import Shard, gather
-from .noise import initial_noise
+from .noise import derived_seeds, initial_noise
 from .quality import QualityMetric
 from .records import DiagnosticsConfig, RunResult
 from .reference import flow_map
@@ -117,7 +116,7 @@ def stein_config(variant: str, probes: int, products: ProbeProducts = "vjp") -> 
 
 
 def _block_seed(seed: int, block: int) -> int:
-    return int(np.random.SeedSequence([seed, BLOCK_STREAM, block]).generate_state(1, np.uint64)[0])
+    return derived_seeds([(seed, BLOCK_STREAM, block)])[0]
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Seeded randomness: each sample's initial noise, and independent streams for probes and start vectors.
 
-Everything is drawn on the CPU from seeds derived with numpy's SeedSequence, so a seed gives the same
-numbers on every device; a sample's initial noise depends only on the seed and its index in the batch.
+Everything is drawn on the CPU from seeds derived as numpy's SeedSequence derives them, so a seed gives the
+same numbers on every device; a sample's initial noise depends only on the seed and its index in the batch.
 """
 
 from __future__ import annotations
@@ -11,17 +11,74 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["LIPSCHITZ_STREAM", "PROBE_STREAM", "initial_noise", "sample_seed", "stream_generator"]
+__all__ = ["LIPSCHITZ_STREAM", "PROBE_STREAM", "derived_seeds", "initial_noise", "stream_generator"]
+
+_MASK32 = 0xFFFFFFFF
+#: the hash constants of numpy's SeedSequence (numpy 1.17+, random/bit_generator.pyx), from whose seeds every
+#: recorded run drew its noise; tests/test_sampling.py holds :func:`derived_seeds` to numpy's own
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_MULT_L, _MIX_MULT_R = 0xCA01F9DD, 0x4973F715
+_POOL_SIZE = 4
 
 
-def _derived_seed(*entropy: int) -> int:
-    """A 64-bit seed from these integers (numpy's SeedSequence): different integers, unrelated seeds."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
+def _words(value: int) -> list[int]:
+    """A non-negative integer as SeedSequence reads it: 32-bit words, lowest first, one word for 0."""
+    if value < 0:
+        raise ValueError(f"seeds, streams and sample indices must be >= 0, got {value}")
+    words = [value & _MASK32]
+    while value := value >> 32:
+        words.append(value & _MASK32)
+    return words
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """Seed of sample ``index`` in run ``seed``: each sample's noise depends only on (seed, index)."""
-    return _derived_seed(seed, index)
+def _seed_sequence_seeds(entropy: np.ndarray) -> np.ndarray:
+    """``SeedSequence(row).generate_state(1, np.uint64)[0]`` for each row of 32-bit words (n, words), at once.
+
+    SeedSequence hashes the words into a pool of 4 (``mix_entropy``), then the pool into the state
+    (``generate_state``); its multipliers evolve with the number of words only, the same for every row.
+    """
+    multiplier = _INIT_A
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        nonlocal multiplier
+        value = value ^ multiplier
+        multiplier = (multiplier * _MULT_A) & _MASK32
+        value = (value * multiplier) & _MASK32
+        return value ^ (value >> 16)
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        value = (_MIX_MULT_L * x - _MIX_MULT_R * y) & _MASK32  # uint64 wraps modulo 2^64, a multiple of 2^32
+        return value ^ (value >> 16)
+
+    rows, width = entropy.shape
+    zero = np.zeros(rows, dtype=np.uint64)
+    pool = [hashmix(entropy[:, i] if i < width else zero) for i in range(_POOL_SIZE)]
+    for source in range(_POOL_SIZE):
+        for target in range(_POOL_SIZE):
+            if source != target:
+                pool[target] = mix(pool[target], hashmix(pool[source]))
+    for source in range(_POOL_SIZE, width):
+        for target in range(_POOL_SIZE):
+            pool[target] = mix(pool[target], hashmix(entropy[:, source]))
+    multiplier, state = _INIT_B, []
+    for word in pool[:2]:
+        word = word ^ multiplier
+        multiplier = (multiplier * _MULT_B) & _MASK32
+        word = (word * multiplier) & _MASK32
+        state.append(word ^ (word >> 16))
+    return state[0] | (state[1] << 32)
+
+
+def derived_seeds(entropy: Sequence[Sequence[int]]) -> list[int]:
+    """A 64-bit seed from each sequence of non-negative integers: numpy's
+    ``SeedSequence(row).generate_state(1, np.uint64)[0]``, the rows hashed at once in array arithmetic
+    instead of one SeedSequence each. Different integers, unrelated seeds."""
+    words = [[word for value in row for word in _words(value)] for row in entropy]
+    seeds = np.zeros(len(words), dtype=np.uint64)
+    for width in {len(row) for row in words}:
+        rows = [i for i, row in enumerate(words) if len(row) == width]
+        seeds[rows] = _seed_sequence_seeds(np.array([words[i] for i in rows], dtype=np.uint64))
+    return seeds.tolist()
 
 
 def initial_noise(
@@ -33,17 +90,16 @@ def initial_noise(
     device: torch.device | str = "cpu",
     first_index: int = 0,
 ) -> torch.Tensor:
-    """x_T = sigma * eps with eps drawn per sample on the CPU: the same whatever the batch size or device."""
+    """x_T = sigma * eps with eps drawn per sample on the CPU: the same whatever the batch size or device.
+
+    Sample i's eps comes from a generator seeded with ``derived_seeds([(seed, i)])``.
+    """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     gen = torch.Generator()
     shape = tuple(event_shape)
-    eps = torch.stack(
-        [
-            torch.randn(shape, generator=gen.manual_seed(sample_seed(seed, first_index + i)), dtype=torch.float64)
-            for i in range(batch)
-        ]
-    )
+    seeds = derived_seeds([(seed, first_index + i) for i in range(batch)])
+    eps = torch.stack([torch.randn(shape, generator=gen.manual_seed(s), dtype=torch.float64) for s in seeds])
     return (sigma * eps).to(dtype=dtype, device=device)
 
 
@@ -54,4 +110,4 @@ PROBE_STREAM, LIPSCHITZ_STREAM = 1, 2
 def stream_generator(seed: int, *stream: int) -> torch.Generator:
     """A CPU generator for the random numbers of run ``seed`` named by ``stream`` (independent of the
     initial noise and of every other stream)."""
-    return torch.Generator().manual_seed(_derived_seed(seed, *stream))
+    return torch.Generator().manual_seed(derived_seeds([(seed, *stream)])[0])

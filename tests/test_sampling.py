@@ -1,10 +1,21 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from steindiff import DiagnosticsConfig, SteinConfig, compare, initial_noise, load_model, make_sigmas, sample, sampling
+from steindiff import (
+    DiagnosticsConfig,
+    SteinConfig,
+    compare,
+    initial_noise,
+    load_model,
+    make_sigmas,
+    noise,
+    sample,
+    sampling,
+)
 from steindiff.diagnostics import jacobian_rows
 from steindiff.solvers import SolverOptions, get_solver
 
@@ -25,6 +36,23 @@ def test_noise_depends_only_on_seed_and_index():
     assert not torch.equal(initial_noise(4, (1, 3, 3), 2.0, seed=8), big[:4])
     with pytest.raises(ValueError, match="batch"):
         initial_noise(0, (2,), 1.0, seed=0)
+
+
+def test_seeds_are_numpys_seed_sequence_and_the_noise_is_the_recorded_one():
+    """The vectorised hash gives SeedSequence's seeds for every width of entropy (words split at 2^32, one
+    word for 0, more words than the pool of 4), rows of different widths in one call; the noise is drawn
+    from them as every recorded result was."""
+    rows = [(0, 0), (0, 1), (7, 2**32 - 1), (7, 2**32), (2**31 - 1, 4095), (2**64 + 3, 9), (5,), (3, 1, 2)]
+    rows += [(1, 2, 3, 4, 5, 6), (2**128 + 1, 2**40, 3, 0, 0, 7)]
+    expected = [int(np.random.SeedSequence(list(row)).generate_state(1, np.uint64)[0]) for row in rows]
+    assert noise.derived_seeds(rows) == expected
+    eps = initial_noise(6, (1, 2, 2), 1.0, seed=2**33 + 1, dtype=torch.float64, first_index=2**32 - 3)
+    for i, index in enumerate(range(2**32 - 3, 2**32 + 3)):
+        seed = int(np.random.SeedSequence([2**33 + 1, index]).generate_state(1, np.uint64)[0])
+        drawn = torch.randn((1, 2, 2), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert torch.equal(eps[i], drawn)
+    with pytest.raises(ValueError, match=">= 0"):
+        noise.derived_seeds([(1, -1)])
 
 
 def test_same_seed_same_samples_and_trace():
