@@ -37,39 +37,56 @@ class GaussianMixture(ExactDenoiser):
         if (weights <= 0).any():
             raise ValueError("mixture weights must be positive")
         torch.linalg.cholesky(covs)  # raises unless every covariance is positive definite
+        variances, axes = torch.linalg.eigh(covs)
         self.name = name
         self.register_buffer("log_weights", (weights / weights.sum()).log())
         self.register_buffer("means", means)
         self.register_buffer("covs", covs)
+        self.register_buffer("variances", variances)  # Sigma_j = U_j diag(variances_j) U_j^T
+        self.register_buffer("axes", axes)  # U_j, its columns the principal axes
 
     def _components(self, x: torch.Tensor, sigma: torch.Tensor | float):
-        """Responsibilities w (B, J), per-component gains A_j = Sigma_j S_j^{-1} (B, J, d, d),
-        posterior means m (B, J, d) and component scores g_j = -S_j^{-1}(x - mu_j) (B, J, d)."""
+        """Responsibilities w (B, J) and, in each component's principal axes: the eigenvalues a_j of the
+        gains A_j = Sigma_j S_j^{-1} = U_j diag(a_j) U_j^T ((J, d), or (B, J, d) for per-sample sigmas), the
+        offsets z_j = U_j^T (x - mu_j) and S_j^{-1}'s on them, U_j^T S_j^{-1} (x - mu_j) (B, J, d).
+
+        S_j = U_j diag(lambda_j + sigma^2) U_j^T shares Sigma_j's axes: in their coordinates every inverse
+        is a division, with no factorisation at each call.
+        """
         flat = x.reshape(x.shape[0], -1)
         dtype = flat.dtype
-        means, covs = self.means.to(dtype), self.covs.to(dtype)
+        means, variances, axes = self.means.to(dtype), self.variances.to(dtype), self.axes.to(dtype)
         sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
-        eye = torch.eye(self.dim, dtype=dtype, device=x.device)
-        # S_j = Sigma_j + sigma^2 I: (J, d, d) for one shared sigma, (B, J, d, d) for per-sample sigmas.
-        total = covs + (sigma**2 if sigma.ndim == 0 else sigma.reshape(-1, 1, 1, 1) ** 2) * eye
-        chol = torch.linalg.cholesky(total)
-        diff = flat[:, None, :] - means  # (B, J, d)
-        chol_b = chol.expand(flat.shape[0], *chol.shape[-3:])
-        solved = torch.cholesky_solve(diff.unsqueeze(-1), chol_b).squeeze(-1)  # S_j^{-1}(x - mu_j)
-        log_det = 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
-        log_prob = -0.5 * ((diff * solved).sum(-1) + log_det + self.dim * math.log(2 * math.pi))
+        noisy = variances + (sigma**2 if sigma.ndim == 0 else sigma.reshape(-1, 1, 1) ** 2)  # S_j's eigenvalues
+        offsets = torch.einsum("bjd,jde->bje", flat[:, None, :] - means, axes)
+        scaled = offsets / noisy
+        log_det = noisy.log().sum(-1)
+        log_prob = -0.5 * ((offsets * scaled).sum(-1) + log_det + self.dim * math.log(2 * math.pi))
         resp = torch.softmax(self.log_weights.to(dtype) + log_prob, dim=-1)
-        gain = (covs @ torch.cholesky_inverse(chol)).expand(flat.shape[0], *covs.shape)  # Sigma_j S_j^{-1}
-        post_means = means + (covs @ solved.unsqueeze(-1)).squeeze(-1)
-        return resp, gain, post_means, -solved
+        return resp, variances / noisy, offsets, scaled
+
+    def _from_axes(self, coords: torch.Tensor) -> torch.Tensor:
+        """Each component's axis coordinates c_j (B, J, d) as data-space vectors U_j c_j (B, J, d)."""
+        return torch.einsum("bje,jde->bjd", coords, self.axes.to(coords.dtype))
+
+    def _sum_from_axes(self, coords: torch.Tensor) -> torch.Tensor:
+        """sum_j U_j c_j (B, d) from axis coordinates c_j (B, J, d): one matrix product over (j, e)."""
+        return coords.flatten(1) @ self.axes.to(coords.dtype).transpose(1, 2).flatten(0, 1)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        resp, _, post_means, _ = self._components(x, sigma)
-        return (resp.unsqueeze(-1) * post_means).sum(1).reshape(x.shape)
+        """D = sum_j w_j m_j = sum_j w_j mu_j + sum_j U_j (w_j a_j z_j), the second sum one product."""
+        resp, gains, offsets, _ = self._components(x, sigma)
+        shifts = self._sum_from_axes(resp.unsqueeze(-1) * gains * offsets)
+        return (resp @ self.means.to(x.dtype) + shifts).reshape(x.shape)
 
     def jacobian(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """dD/dx = sum_j w_j A_j + sum_j w_j m_j (g_j - g_bar)^T, from dw_j/dx = w_j (g_j - g_bar)."""
-        resp, gain, post_means, scores = self._components(x, sigma)
+        """dD/dx = sum_j w_j A_j + sum_j w_j m_j (g_j - g_bar)^T, from dw_j/dx = w_j (g_j - g_bar), with the
+        component scores g_j = -S_j^{-1}(x - mu_j)."""
+        resp, gains, offsets, scaled = self._components(x, sigma)
+        axes = self.axes.to(x.dtype)
+        gain = (axes * gains.unsqueeze(-2)) @ axes.transpose(-1, -2)  # A_j = U_j diag(a_j) U_j^T
+        post_means = self.means.to(x.dtype) + self._from_axes(gains * offsets)
+        scores = -self._from_axes(scaled)
         mean_score = (resp.unsqueeze(-1) * scores).sum(1, keepdim=True)
         weighted = resp[..., None, None]
         return (weighted * gain).sum(1) + (
@@ -77,9 +94,9 @@ class GaussianMixture(ExactDenoiser):
         ).sum(1)
 
     def score(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """grad log p_sigma(x) = sum_j w_j g_j."""
-        resp, _, _, scores = self._components(x, sigma)
-        return (resp.unsqueeze(-1) * scores).sum(1).reshape(x.shape)
+        """grad log p_sigma(x) = sum_j w_j g_j = -sum_j U_j (w_j U_j^T S_j^{-1} (x - mu_j)), one product."""
+        resp, _, _, scaled = self._components(x, sigma)
+        return -self._sum_from_axes(resp.unsqueeze(-1) * scaled).reshape(x.shape)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         comp = torch.multinomial(self.log_weights.exp().cpu(), n, replacement=True, generator=generator)
