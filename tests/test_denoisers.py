@@ -30,6 +30,42 @@ def test_mixture_denoiser_satisfies_tweedie(name):
         assert torch.allclose(model(x, s), x + sigma**2 * model.score(x, s), atol=1e-12)
 
 
+def _random_mixture(dim: int, components: int) -> GaussianMixture:
+    """Random means and full covariances: principal axes that are no 2-D reflection (those are symmetric)."""
+    gen = torch.Generator().manual_seed(dim)
+    factors = torch.randn(components, dim, dim, generator=gen, dtype=torch.float64)
+    covs = factors @ factors.transpose(1, 2) / dim + 0.05 * torch.eye(dim, dtype=torch.float64)
+    means = torch.randn(components, dim, generator=gen, dtype=torch.float64)
+    return GaussianMixture(torch.rand(components, generator=gen, dtype=torch.float64) + 0.1, means, covs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: load_model("gmm-aniso"), lambda: load_model("gmm-moons"), lambda: _random_mixture(3, 4)],
+    ids=["gmm-aniso", "gmm-moons", "random-3d"],
+)
+def test_mixture_matches_the_dense_formulas(make):
+    """The mixture works in its components' principal axes; here each S_j = Sigma_j + sigma^2 I is solved
+    densely: responsibilities from N(x; mu_j, S_j), D = sum_j w_j (mu_j + Sigma_j S_j^{-1} (x - mu_j)),
+    score = -sum_j w_j S_j^{-1} (x - mu_j), and the closed-form Jacobian is autograd's of that D; one
+    shared sigma and one per sample."""
+    model: GaussianMixture = make()
+    gen = torch.Generator().manual_seed(3)
+    x = model.sample(12, gen) + torch.randn(12, model.dim, generator=gen, dtype=torch.float64)
+    for sigma in (torch.tensor(0.3, dtype=torch.float64), torch.linspace(0.01, 6.0, 12, dtype=torch.float64)):
+        per_sample = sigma.expand(12).reshape(12, 1, 1, 1)
+        total = model.covs + per_sample**2 * torch.eye(model.dim, dtype=torch.float64)  # (B, J, d, d)
+        diff = (x[:, None, :] - model.means).unsqueeze(-1)
+        solved = torch.linalg.solve(total, diff).squeeze(-1)
+        log_prob = torch.distributions.MultivariateNormal(model.means, covariance_matrix=total).log_prob(x[:, None])
+        resp = torch.softmax(model.log_weights + log_prob, dim=-1).unsqueeze(-1)
+        posterior = model.means + (model.covs @ solved.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(model(x, sigma), (resp * posterior).sum(1), atol=1e-12, rtol=1e-10)
+        assert torch.allclose(model.score(x, sigma), -(resp * solved).sum(1), atol=1e-10, rtol=1e-10)
+        jacobian = torch.func.vmap(torch.func.jacrev(lambda z, s: model(z[None], s[None])[0]))(x, sigma.expand(12))
+        assert torch.allclose(model.jacobian(x, sigma), jacobian, atol=1e-10, rtol=1e-8)
+
+
 def test_mixture_denoiser_is_the_posterior_mean():
     """E[x0 | x] is the best predictor: any other function of x has larger MSE (here: D + small tilt)."""
     model = load_model("gmm-ring")
