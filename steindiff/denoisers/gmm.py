@@ -48,7 +48,7 @@ class GaussianMixture(ExactDenoiser):
     def _components(self, x: torch.Tensor, sigma: torch.Tensor | float):
         """Responsibilities w (B, J) and, in each component's principal axes: the eigenvalues a_j of the
         gains A_j = Sigma_j S_j^{-1} = U_j diag(a_j) U_j^T ((J, d), or (B, J, d) for per-sample sigmas), the
-        offsets z_j = U_j^T (x - mu_j) and S_j^{-1}'s on them, U_j^T S_j^{-1} (x - mu_j) (B, J, d).
+        offsets z_j = U_j^T (x - mu_j) and U_j^T S_j^{-1} (x - mu_j) = z_j / (lambda_j + sigma^2) (B, J, d).
 
         S_j = U_j diag(lambda_j + sigma^2) U_j^T shares Sigma_j's axes: in their coordinates every inverse
         is a division, with no factorisation at each call.
