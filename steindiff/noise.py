@@ -6,7 +6,7 @@ same numbers on every device; a sample's initial noise depends only on the seed 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,20 +31,28 @@ def _words(value: int) -> list[int]:
     return words
 
 
+def _hasher(init: int, mult: int) -> Callable[[np.ndarray], np.ndarray]:
+    """SeedSequence's multiply-xorshift hash of 32-bit words whose multiplier starts at ``init`` and steps by
+    ``mult`` at each call (``hashmix`` with the A constants, ``generate_state``'s output with the B)."""
+    multiplier = init
+
+    def hash_words(value: np.ndarray) -> np.ndarray:
+        nonlocal multiplier
+        value = value ^ multiplier
+        multiplier = (multiplier * mult) & _MASK32
+        value = (value * multiplier) & _MASK32
+        return value ^ (value >> 16)
+
+    return hash_words
+
+
 def _seed_sequence_seeds(entropy: np.ndarray) -> np.ndarray:
     """``SeedSequence(row).generate_state(1, np.uint64)[0]`` for each row of 32-bit words (n, words), at once.
 
     SeedSequence hashes the words into a pool of 4 (``mix_entropy``), then the pool into the state
     (``generate_state``); its multipliers evolve with the number of words only, the same for every row.
     """
-    multiplier = _INIT_A
-
-    def hashmix(value: np.ndarray) -> np.ndarray:
-        nonlocal multiplier
-        value = value ^ multiplier
-        multiplier = (multiplier * _MULT_A) & _MASK32
-        value = (value * multiplier) & _MASK32
-        return value ^ (value >> 16)
+    hashmix = _hasher(_INIT_A, _MULT_A)
 
     def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         value = (_MIX_MULT_L * x - _MIX_MULT_R * y) & _MASK32  # uint64 wraps modulo 2^64, a multiple of 2^32
@@ -60,13 +68,9 @@ def _seed_sequence_seeds(entropy: np.ndarray) -> np.ndarray:
     for source in range(_POOL_SIZE, width):
         for target in range(_POOL_SIZE):
             pool[target] = mix(pool[target], hashmix(entropy[:, source]))
-    multiplier, state = _INIT_B, []
-    for word in pool[:2]:
-        word = word ^ multiplier
-        multiplier = (multiplier * _MULT_B) & _MASK32
-        word = (word * multiplier) & _MASK32
-        state.append(word ^ (word >> 16))
-    return state[0] | (state[1] << 32)
+    output = _hasher(_INIT_B, _MULT_B)
+    low, high = output(pool[0]), output(pool[1])
+    return low | (high << 32)
 
 
 def derived_seeds(entropy: Sequence[Sequence[int]]) -> list[int]:
