@@ -38,8 +38,14 @@ from steindiff.stein import PROBE_PRODUCTS, STEIN_VARIANTS, Coords, GammaVariant
 
 #: system fonts only: the default theme would fetch web fonts from outside the machine
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-#: the summary table's cells wrap between words only (gradio's markdown breaks words anywhere: 'vanill|a')
-CSS = "#summary :is(td, th) { overflow-wrap: normal; word-break: normal; }"
+#: the summary table's cells wrap between words only (gradio's markdown breaks words anywhere: 'vanill|a'); a
+#: run's images start below their floating labels, which covered the grid's top-left sample
+CSS = (
+    "#summary :is(td, th) { overflow-wrap: normal; word-break: normal; }"
+    " .run-image .image-container { padding-top: 2.25rem; box-sizing: border-box; }"
+)
+#: the run's image views: PNG, and no "share" button (gradio's posts to Hugging Face Spaces discussions)
+IMAGE_VIEW: dict[str, Any] = {"format": "png", "buttons": ["download", "fullscreen"], "elem_classes": ["run-image"]}
 
 EXPLANATION = """
 ### The contractivity trap, in one paragraph
@@ -374,12 +380,12 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                 scrubber = gr.Slider(0, 1, value=0, step=1, label="step (moves every view)")
                 with gr.Column(visible=False) as image_group:
                     with gr.Row():
-                        vanilla_image = gr.Image(label="vanilla: x_k", buttons=["download"], format="png")
-                        stein_image = gr.Image(label="Stein: x_k", buttons=["download"], format="png")
-                    compare_slider = gr.ImageSlider(label="vanilla | Stein", format="png")
+                        vanilla_image = gr.Image(label="vanilla: x_k", **IMAGE_VIEW)
+                        stein_image = gr.Image(label="Stein: x_k", **IMAGE_VIEW)
+                    compare_slider = gr.ImageSlider(label="vanilla | Stein", format="png", elem_classes=["run-image"])
                     with gr.Row():
-                        vanilla_x0 = gr.Image(label="vanilla: predicted x0 at step k", format="png")
-                        stein_x0 = gr.Image(label="Stein: predicted x0 at step k", format="png")
+                        vanilla_x0 = gr.Image(label="vanilla: predicted x0", **IMAGE_VIEW)
+                        stein_x0 = gr.Image(label="Stein: predicted x0", **IMAGE_VIEW)
                 particles = gr.Plot(label="particles", visible=False)
                 diagnostics = gr.Plot(label="per-step diagnostics")
                 with gr.Accordion("run summary (JSON)", open=False):

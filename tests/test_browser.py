@@ -81,6 +81,16 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     finally:  # the page as the run left it, or as far as it got
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app-after-run.png"), full_page=True)
+    views = page.evaluate(
+        """() => Array.from(document.querySelectorAll('.run-image')).map(view => ({
+            label: view.querySelector('[data-testid=block-label]').getBoundingClientRect().bottom,
+            image: view.querySelector('img').getBoundingClientRect().top,
+            share: view.querySelectorAll('button[aria-label=Share]').length,
+        }))"""
+    )
+    assert len(views) == 5, views  # x_k and predicted x0 of both runs, the slider
+    assert all(view["image"] >= view["label"] for view in views), views  # no label covers a sample
+    assert all(view["share"] == 0 for view in views), views  # nothing offers to post off the machine
     assert "solver=heun" in page.url and "model=mnist" in page.url and "seed=3" in page.url and "batch=16" in page.url
     label = page.locator("text=/step \\d+ of 3/").first
     assert "step 3 of 3" in label.inner_text()
