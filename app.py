@@ -71,6 +71,12 @@ gamma > 1 the state sits near the posterior mean, the residual u becomes tiny wh
 does not, and gamma blows up. The hollow blue markers show what the rule would have proposed
 along the vanilla trajectory.
 
+The rule's statistics are batch averages, and the app's batches are small. On the Heun preset (seeds
+0-3) 16 samples give FD-MNIST 5,189-5,797 -> 974-2,663, 256 samples 4,990-5,246 -> 441-780 (the
+benchmark, 2,000 samples in batches of 500: 5,056 -> 664). Part of the gap is the score's: FD-MNIST over
+16 samples reads high (16-sample parts of a 256-sample Stein run score 891-1,929 where the whole scores
+522-780). Compare the two runs of one batch, not a small batch's score with the benchmark's.
+
 ### The safeguarded rules (the default, `sc-lookahead`, and `stein-safe`)
 `stein-safe` keeps gamma >= 1, stops where the rule's own error model says the state would be closer
 to the clean sample than a state at the next noise level can be (the noise-level identity), never goes
@@ -98,7 +104,7 @@ known"). From about NFE 32 up, a good solver's error to the reference is mostly 
 PRESETS: dict[str, dict[str, Any]] = {
     "safe: 32 NFE": {"solver": "dpmpp_2m", "schedule": "karras", "nfe": 32, "stein_on": True, "rule": DEFAULT_RULE},
     "trap: 4 NFE Euler": {"solver": "ddim", "schedule": "karras", "nfe": 4, "stein_on": True, "rule": DEFAULT_RULE},
-    "Stein rescues 3-step Heun (mnist, 5 NFE)": {  # a property of the trained UNet: FD 5,056 -> 664
+    "Stein rescues 3-step Heun (mnist, 5 NFE)": {  # on the trained UNet; at batch 16 in part (EXPLANATION)
         "model": DEFAULT_IMAGE_MODEL,
         "batch": 16,
         "solver": "heun",
