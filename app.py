@@ -172,6 +172,12 @@ def settings_from_link(params: Mapping[str, str], models: Sequence[str], default
     return state
 
 
+def step_from_link(params: Mapping[str, str]) -> int | None:
+    """The step a link opens its first run at (``step=k``, a whole number from 0), or None: its last."""
+    text = params.get("step", "")
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def render(shown: Shown) -> tuple:
     """Every view at the shown step: images (image models) or particles (2-D), the diagnostics, the step's label.
 
@@ -323,9 +329,19 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         keys = [key for key, _ in SETTINGS]
         return tuple(gr.update(value=preset[key]) if key in preset else gr.update() for key in keys)
 
+    def open_linked_step(shown: Shown, step: int | None) -> tuple:
+        """After the first run from a link that names a step: every view at that step (the last if it is past
+        the end); the link's step is then spent. Otherwise nothing changes."""
+        if step is None:
+            return (gr.skip(),) * (len(views) + 3)
+        shown = Shown(shown.result, min(step, len(shown.result.comparison.sigmas) - 1))
+        return (*on_compute_thread(render, shown), gr.update(value=shown.step), shown, None)
+
     def from_url(request: gr.Request) -> tuple:
-        state = settings_from_link(dict(request.query_params) if request is not None else {}, names, default_model)
-        return tuple(gr.update(value=state[key]) if key in state else gr.update() for key, _ in SETTINGS)
+        params = dict(request.query_params) if request is not None else {}
+        state = settings_from_link(params, names, default_model)
+        updates = tuple(gr.update(value=state[key]) if key in state else gr.update() for key, _ in SETTINGS)
+        return (*updates, step_from_link(params))
 
     initial = dict(SETTINGS)  # the form starts where /run's defaults are
     # gradio keeps a copy of every output file: those older than an hour go, hourly
@@ -399,6 +415,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                 with gr.Accordion("What am I looking at?", open=False):
                     gr.Markdown(EXPLANATION)
         shown = gr.State(None)
+        linked_step = gr.State(None)  # the step a link asks its first run to open at
         controls = [
             model,
             solver,
@@ -426,6 +443,10 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             "keys.forEach((k, i) => q.set(k, String(values[i]))); "
             "window.history.replaceState(null, '', '?' + q.toString()); return values;}"
         )
+        step_js = (  # the shown step joins the settings in the URL: a link opens the same view
+            "(k) => {const q = new URLSearchParams(window.location.search); q.set('step', String(k)); "
+            "window.history.replaceState(null, '', '?' + q.toString()); return k;}"
+        )
         run_button.click(
             run,
             controls,
@@ -433,8 +454,16 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             api_name="run",
             js=url_js,
             concurrency_limit=1,
-        ).success(layout, shown, [image_group, particles], api_name=False, queue=False)
-        scrubber.release(scrub, [shown, scrubber], [*views, shown], api_name=False, concurrency_limit=1)
+        ).success(layout, shown, [image_group, particles], api_name=False, queue=False).success(
+            open_linked_step,
+            [shown, linked_step],
+            [*views, scrubber, shown, linked_step],
+            api_name=False,
+            concurrency_limit=1,
+        ).success(None, scrubber, None, js=step_js, api_name=False, queue=False)
+        scrubber.release(scrub, [shown, scrubber], [*views, shown], api_name=False, concurrency_limit=1).success(
+            None, scrubber, None, js=step_js, api_name=False, queue=False
+        )
         preset.input(apply_preset, preset, controls, api_name=False)
         rule.change(
             lambda name: (gr.update(visible=name == CUSTOM_RULE),) * 3,
@@ -444,7 +473,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             queue=False,
         )
         dice.click(lambda: random.randrange(2**31), None, seed, api_name=False)
-        demo.load(from_url, None, controls, api_name=False)
+        demo.load(from_url, None, [*controls, linked_step], api_name=False)
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo._queue.sleep_when_free = QUEUE_POLL_S  # gradio's private setting: test_app fails if gradio stops reading it
     return demo

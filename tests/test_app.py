@@ -71,6 +71,14 @@ def test_a_link_sets_what_it_names_and_falls_back_where_the_form_offers_no_such_
     assert app.settings_from_link({"unknown": "1"}, models, "mnist") == {}
 
 
+def test_a_link_names_the_step_its_first_run_opens_at():
+    assert app.step_from_link({"step": "2", "seed": "7"}) == 2
+    assert app.step_from_link({"step": "0"}) == 0
+    for unread in ("-1", "1.5", "x", "", " 2", "\u00b2"):  # the last: superscript two, a digit to str.isdigit
+        assert app.step_from_link({"step": unread}) is None, unread
+    assert app.step_from_link({"seed": "7"}) is None
+
+
 def test_the_queue_looks_for_requests_every_10_ms():
     """gradio's queue loop wakes every 1 ms, which takes CPU from torch on a small machine (app.QUEUE_POLL_S).
     The app sets gradio's private attribute, so this fails if gradio's loop stops reading it."""

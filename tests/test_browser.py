@@ -56,6 +56,18 @@ def _wait_for_images(page, count: int) -> None:
     )
 
 
+def _scrub_to_end(page, key: str) -> None:
+    """Move the step scrubber to its first ("Home") or last ("End") step as a user would, and let go."""
+    slider = (
+        page.get_by_label("step (moves every view)").locator("input[type=range]")
+        if page.get_by_label("step (moves every view)").locator("input[type=range]").count()
+        else page.locator("input[type=range]").last
+    )
+    slider.focus()
+    page.keyboard.press(key)
+    slider.dispatch_event("pointerup")
+
+
 def _choose(page, label: str, option: str) -> None:
     box = page.get_by_label(label, exact=True)
     box.click()
@@ -94,17 +106,30 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     assert "solver=heun" in page.url and "model=mnist" in page.url and "seed=3" in page.url and "batch=16" in page.url
     label = page.locator("text=/step \\d+ of 3/").first
     assert "step 3 of 3" in label.inner_text()
-    slider = (
-        page.get_by_label("step (moves every view)").locator("input[type=range]")
-        if page.get_by_label("step (moves every view)").locator("input[type=range]").count()
-        else page.locator("input[type=range]").last
-    )
-    slider.focus()
-    page.keyboard.press("Home")
-    page.keyboard.up("Home")
-    slider.dispatch_event("pointerup")
+    _scrub_to_end(page, "Home")
     page.wait_for_selector("text=step 0 of 3", timeout=60_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+    assert errors == [], errors
+    assert outside == [], outside
+
+
+def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber(server, page):
+    errors, outside = _watch(page)
+    page.goto(server + "?model=gmm-ring&solver=ddim&nfe=4&batch=64&seed=5&lipschitz=false&step=2")
+    sync_api.expect(page.get_by_label("solver", exact=True)).to_have_value("ddim")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.wait_for_selector("text=step 2 of 4", timeout=60_000)  # the link's step, not the run's last
+    page.wait_for_function("window.location.search.includes('step=2')", timeout=10_000)
+    assert "seed=5" in page.url and "model=gmm-ring" in page.url
+    _scrub_to_end(page, "End")
+    page.wait_for_selector("text=step 4 of 4", timeout=60_000)
+    page.wait_for_function("window.location.search.includes('step=4')", timeout=10_000)
+    page.get_by_label("seed", exact=True).fill("6")
+    page.get_by_role("button", name="Run", exact=True).click()  # the link's step is spent: a run opens at its last
+    # the run's settings go into the URL as it starts, the shown step when every view has landed
+    page.wait_for_function("['seed=6', 'step='].every(s => window.location.search.includes(s))", timeout=60_000)
+    assert "step=4" in page.url
+    sync_api.expect(page.locator("text=/step \\d+ of 4/").first).to_contain_text("step 4 of 4")
     assert errors == [], errors
     assert outside == [], outside
