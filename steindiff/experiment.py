@@ -16,7 +16,7 @@ from .metrics import DIGIT_SHAPE, load_classifier, score_digits
 from .noise import initial_noise
 from .records import Comparison, DiagnosticsConfig, StepRecord
 from .reference import FlowSolution
-from .sampling import compare, takes_functorch
+from .sampling import Phase, compare, takes_functorch
 from .schedules import SCHEDULES, make_sigmas
 from .solvers import SOLVERS, SolverOptions, get_solver
 from .stein import SteinConfig
@@ -246,8 +246,11 @@ def run_experiment(
     models: ModelCatalog,
     limits: Limits = Limits(),
     callback: Callable[[str, StepRecord], None] | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
 ) -> ExperimentResult:
-    """Validate, build the grid and the noise, run vanilla and corrected, and score digit samples."""
+    """Validate, build the grid and the noise, run vanilla and corrected, and score digit samples.
+
+    ``callback`` and ``on_phase`` report progress as :func:`steindiff.sampling.compare`'s do."""
     experiment.check(models, limits)
     products = experiment.stein.products if experiment.stein else None
     functorch = takes_functorch(products, experiment.diagnostics.jacobian_mode)
@@ -284,6 +287,7 @@ def run_experiment(
         seed=experiment.seed,
         callback=callback,
         flow=models.reference_flow(reference_key) if diag.reference else None,
+        on_phase=on_phase,
     )
     models.remember_reference_flow(reference_key, comparison.flow)
     field_2d = vector_field(model, comparison.sigmas, experiment.device) if model.event_shape == (2,) else None

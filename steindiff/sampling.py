@@ -6,6 +6,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from typing import Literal
 
 import torch
 
@@ -28,7 +29,10 @@ from .stein import (
 )
 from .step_lipschitz import MapAtStep, measure_lipschitz
 
-__all__ = ["compare", "sample", "takes_functorch"]
+__all__ = ["Phase", "compare", "sample", "takes_functorch"]
+
+#: the parts of a comparison outside its steps, each announced as it starts (``compare``'s ``on_phase``)
+Phase = Literal["reference", "lipschitz"]
 
 
 def takes_functorch(products: str | None, jacobian_mode: JacobianMode = "vjp2") -> bool:
@@ -299,13 +303,16 @@ def compare(
     observe_vanilla: bool = True,
     callback: Callable[[str, StepRecord], None] | None = None,
     flow: FlowSolution | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
 ) -> Comparison:
     """Run the plain solver and (if ``stein`` is given) the corrected one from the same ``x``.
 
     ``flow`` may pass the reference solution of an earlier comparison from the same noise, with the same
     reference settings and the same first and last positive noise levels, whatever the grid between.
     With ``observe_vanilla`` the vanilla run also records the Stein statistics along its own trajectory
-    (what the rule would have proposed there), at the cost of the probes.
+    (what the rule would have proposed there), at the cost of the probes. ``callback(label, record)`` is
+    called after each step of each run; ``on_phase`` as the reference solution (when not passed in) and
+    the Lipschitz estimates (after both runs) start.
     """
     diagnostics = diagnostics or DiagnosticsConfig()
     grid = _grid(sigmas)
@@ -315,6 +322,8 @@ def compare(
             log_step = diagnostics.reference_log_step or (0.025 if denoiser.exact else 0.1)
             first = x[: diagnostics.reference_samples]
             floor_ratio, method = diagnostics.reference_floor_ratio, diagnostics.reference_method
+            if on_phase is not None:
+                on_phase("reference")
             flow = solve_for_grid(denoiser, first, grid, log_step, floor_ratio, method)
         reference = flow.states_at(denoiser, grid)
     else:
@@ -341,6 +350,8 @@ def compare(
 
     runs = [run(observer, "vanilla")] + ([run(stein, "stein")] if stein is not None else [])
     if diagnostics.lipschitz:
+        if on_phase is not None:
+            on_phase("lipschitz")
         measure_lipschitz(denoiser, runs, grid, options, diagnostics, seed)
     vanilla, corrected = runs[0][0], (runs[1][0] if len(runs) > 1 else None)
     return Comparison(grid, vanilla, corrected, reference, flow)

@@ -1,6 +1,7 @@
 """The Gradio app: callbacks as functions, and a launched server called with gradio_client."""
 
 import inspect
+import itertools
 import json
 import math
 import threading
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import gradio as gr
 import pytest
 from gradio_client import Client
+from gradio_client.utils import StatusUpdate
 
 import app
 from steindiff import interactive
@@ -191,6 +193,25 @@ def test_good_run_over_the_api(server):
     assert "| vanilla | 5 |" in summary_md and "| stein | 5 |" in summary_md
     assert summary["vanilla"]["nfe_total"] == 5 and summary["stein"]["final"]["err_ref"] > 0
     assert out[7] is not None  # the diagnostics figure
+
+
+def test_progress_names_the_reference_each_step_and_the_lipschitz_estimates_in_order(server):
+    """The progress a client sees (gradio sends the latest every 10 ms): the reference solution of a new seed
+    first, at 0, then the runs' steps, then the Lipschitz estimates, never going back."""
+    job = Client(server, verbose=False).submit(
+        *{**GOOD, "model": "mnist", "batch": 8, "solver": "ddim", "nfe": 3, "seed": 4242}.values(), api_name="/run"
+    )
+    job.result(timeout=300)
+    updates = []
+    while not job.communicator.updates.empty():
+        updates.append(job.communicator.updates.get_nowait())
+    units = [unit for update in updates if isinstance(update, StatusUpdate) for unit in update.progress_data or []]
+    descs = [desc for desc, _ in itertools.groupby(unit.desc for unit in units)]
+    assert descs[0] == app.PHASE_TEXT["reference"] and descs[-1] == app.PHASE_TEXT["lipschitz"], descs
+    assert set(descs[1:-1]) <= {f"{label}: step {k} of 3" for label in ("vanilla", "stein") for k in (1, 2, 3)}, descs
+    assert len(descs) >= 3, descs
+    fractions = [unit.progress for unit in units]
+    assert fractions[0] == 0 and fractions == sorted(fractions) and fractions[-1] == 0.5, fractions
 
 
 def test_a_diverging_run_shows_where_it_diverged_and_renders(server):

@@ -134,6 +134,35 @@ def test_trace_has_every_quantity_and_serialises():
     assert result.vanilla.trace[0].gamma_raw == pytest.approx(result.stein.trace[0].gamma_raw)
 
 
+def test_progress_announces_the_reference_and_the_lipschitz_estimates_around_the_runs_steps():
+    model = load_model("gmm-ring")
+    sigmas = make_sigmas("karras", 3)
+    x = initial_noise(32, model.event_shape, float(sigmas[0]), 0)
+    events = []
+
+    def run(flow=None, **diag):
+        events.clear()
+        return compare(
+            model,
+            x,
+            sigmas,
+            "ddim",
+            SteinConfig(),
+            diagnostics=DiagnosticsConfig(**diag),
+            callback=lambda label, record: events.append((label, record.step)),
+            flow=flow,
+            on_phase=events.append,
+        )
+
+    steps = [(label, k) for label in ("vanilla", "stein") for k in range(3)]
+    first = run()
+    assert events == ["reference", *steps, "lipschitz"]
+    run(flow=first.flow)  # a reference passed in is not solved again
+    assert events == [*steps, "lipschitz"]
+    run(lipschitz=False, reference=False)
+    assert events == steps
+
+
 def test_error_to_reference_shrinks_with_nfe():
     errors = [_ring_compare(steps=n, lipschitz=False).vanilla.final_err_ref for n in (5, 20, 80)]
     assert errors[0] > errors[1] > errors[2]
