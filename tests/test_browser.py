@@ -56,7 +56,7 @@ def _wait_for_images(page, count: int) -> None:
     )
 
 
-def _scrub_to_end(page, key: str) -> None:
+def _scrub_to(page, key: str) -> None:
     """Move the step scrubber to its first ("Home") or last ("End") step as a user would, and let go."""
     slider = (
         page.get_by_label("step (moves every view)").locator("input[type=range]")
@@ -106,7 +106,7 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     assert "solver=heun" in page.url and "model=mnist" in page.url and "seed=3" in page.url and "batch=16" in page.url
     label = page.locator("text=/step \\d+ of 3/").first
     assert "step 3 of 3" in label.inner_text()
-    _scrub_to_end(page, "Home")
+    _scrub_to(page, "Home")
     page.wait_for_selector("text=step 0 of 3", timeout=60_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
@@ -122,7 +122,7 @@ def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber
     page.wait_for_selector("text=step 2 of 4", timeout=60_000)  # the link's step, not the run's last
     page.wait_for_function("window.location.search.includes('step=2')", timeout=10_000)
     assert "seed=5" in page.url and "model=gmm-ring" in page.url
-    _scrub_to_end(page, "End")
+    _scrub_to(page, "End")
     page.wait_for_selector("text=step 4 of 4", timeout=60_000)
     page.wait_for_function("window.location.search.includes('step=4')", timeout=10_000)
     page.get_by_label("seed", exact=True).fill("6")
