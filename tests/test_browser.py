@@ -58,11 +58,8 @@ def _wait_for_images(page, count: int) -> None:
 
 def _scrub_to(page, key: str) -> None:
     """Move the step scrubber to its first ("Home") or last ("End") step as a user would, and let go."""
-    slider = (
-        page.get_by_label("step (moves every view)").locator("input[type=range]")
-        if page.get_by_label("step (moves every view)").locator("input[type=range]").count()
-        else page.locator("input[type=range]").last
-    )
+    labelled = page.get_by_label("step (moves every view)").locator("input[type=range]")
+    slider = labelled if labelled.count() else page.locator("input[type=range]").last
     slider.focus()
     page.keyboard.press(key)
     slider.dispatch_event("pointerup")
