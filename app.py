@@ -40,10 +40,13 @@ from steindiff.stein import PROBE_PRODUCTS, STEIN_VARIANTS, Coords, GammaVariant
 #: system fonts only: the default theme would fetch web fonts from outside the machine
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 #: the summary table's cells wrap between words only (gradio's markdown breaks words anywhere: 'vanill|a'); a
-#: run's images start below their floating labels, which covered the grid's top-left sample
+#: run's images and figures start below their floating labels, which covered the grid's top-left sample and the
+#: first panel's title; the download box holds one file, and empty it would stand 236 px tall under the Run button
 CSS = (
     "#summary :is(td, th) { overflow-wrap: normal; word-break: normal; }"
     " .run-image .image-container { padding-top: 2.25rem; box-sizing: border-box; }"
+    " .run-plot .js-plotly-plot { padding-top: 2rem; }"
+    " #download .empty { min-height: 5rem; }"
 )
 #: what the progress line says while a run is outside its steps (before the first, after the last)
 PHASE_TEXT: dict[Phase, str] = {
@@ -403,8 +406,8 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                 lipschitz = gr.Checkbox(initial["lipschitz"], label="local Lipschitz estimates")
                 reference = gr.Checkbox(initial["reference"], label="error to the reference solution")
                 run_button = gr.Button("Run", variant="primary")
-                download = gr.File(label="download the run (JSON, CSV, PNG)")
-            with gr.Column(scale=3):
+                download = gr.File(label="download the run (JSON, CSV, PNG)", elem_id="download")
+            with gr.Column(scale=3, min_width=600):  # narrower windows stack it below the controls
                 summary_md = gr.Markdown("Choose settings (or a lesson preset) and press **Run**.", elem_id="summary")
                 gr.Markdown(
                     "Blue: vanilla solver. Red: Stein-corrected, from the same noise. Orange band: "
@@ -420,8 +423,8 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                     with gr.Row():
                         vanilla_x0 = gr.Image(label="vanilla: predicted x0", **IMAGE_VIEW)
                         stein_x0 = gr.Image(label="Stein: predicted x0", **IMAGE_VIEW)
-                particles = gr.Plot(label="particles", visible=False)
-                diagnostics = gr.Plot(label="per-step diagnostics")
+                particles = gr.Plot(label="particles", visible=False, elem_classes=["run-plot"])
+                diagnostics = gr.Plot(label="per-step diagnostics", elem_classes=["run-plot"])
                 with gr.Accordion("run summary (JSON)", open=False):
                     summary_json = gr.JSON(label="run summary")
                 with gr.Accordion("What am I looking at?", open=False):

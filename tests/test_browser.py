@@ -111,12 +111,41 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     assert outside == [], outside
 
 
+def _disjoint(a: list[float], b: list[float]) -> bool:
+    """Whether two boxes (left, top, right, bottom) share no area."""
+    return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
 def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber(server, page):
     errors, outside = _watch(page)
+    page.set_viewport_size({"width": 900, "height": 1700})  # a small laptop's window: the outputs go below the form
     page.goto(server + "?model=gmm-ring&solver=ddim&nfe=4&batch=64&seed=5&lipschitz=false&step=2")
     sync_api.expect(page.get_by_label("solver", exact=True)).to_have_value("ddim")
+    assert page.locator("#download").bounding_box()["height"] < 150  # empty, it does not push the page down
     page.get_by_role("button", name="Run", exact=True).click()
     page.wait_for_selector("text=step 2 of 4", timeout=60_000)  # the link's step, not the run's last
+    page.wait_for_function("document.querySelectorAll('.run-plot .main-svg').length >= 2", timeout=60_000)
+    fit = page.evaluate(
+        """() => ({
+            table: document.querySelector('#summary table').scrollWidth,
+            column: document.querySelector('#summary').clientWidth,
+            plots: Array.from(document.querySelectorAll('.run-plot')).filter(view => view.offsetParent).map(view => ({
+                label: view.querySelector('[data-testid=block-label]').getBoundingClientRect().bottom,
+                width: [view.getBoundingClientRect().left, view.getBoundingClientRect().right],
+                titles: Array.from(view.querySelectorAll('.annotation-text, .gtitle')).map(title => {
+                    const box = title.getBoundingClientRect();
+                    return [box.left, box.top, box.right, box.bottom];
+                }),
+            })),
+        })"""
+    )
+    assert fit["table"] <= fit["column"], fit  # the summary's columns all show
+    assert len(fit["plots"]) == 2 and all(len(plot["titles"]) >= 3 for plot in fit["plots"]), fit
+    for plot in fit["plots"]:  # the particles and the diagnostics: each title whole and readable
+        assert min(box[1] for box in plot["titles"]) >= plot["label"], plot
+        assert all(plot["width"][0] <= box[0] and box[2] <= plot["width"][1] for box in plot["titles"]), plot
+        titles = plot["titles"]
+        assert all(_disjoint(a, b) for i, a in enumerate(titles) for b in titles[i + 1 :]), plot
     page.wait_for_function("window.location.search.includes('step=2')", timeout=10_000)
     assert "seed=5" in page.url and "model=gmm-ring" in page.url
     _scrub_to(page, "End")
