@@ -124,7 +124,8 @@ def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber
     assert page.locator("#download").bounding_box()["height"] < 150  # empty, it does not push the page down
     page.get_by_role("button", name="Run", exact=True).click()
     page.wait_for_selector("text=step 2 of 4", timeout=60_000)  # the link's step, not the run's last
-    page.wait_for_function("document.querySelectorAll('.run-plot .main-svg').length >= 2", timeout=60_000)
+    # both figures drawn with their panels' titles: the particles' two, the diagnostics' six
+    page.wait_for_function("document.querySelectorAll('.run-plot .annotation-text').length >= 8", timeout=60_000)
     fit = page.evaluate(
         """() => ({
             table: document.querySelector('#summary table').scrollWidth,
