@@ -407,7 +407,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                 reference = gr.Checkbox(initial["reference"], label="error to the reference solution")
                 run_button = gr.Button("Run", variant="primary")
                 download = gr.File(label="download the run (JSON, CSV, PNG)", elem_id="download")
-            with gr.Column(scale=3, min_width=600):  # narrower windows stack it below the controls
+            with gr.Column(scale=3, min_width=760):  # the summary table needs 700 px: narrower, it goes below the form
                 summary_md = gr.Markdown("Choose settings (or a lesson preset) and press **Run**.", elem_id="summary")
                 gr.Markdown(
                     "Blue: vanilla solver. Red: Stein-corrected, from the same noise. Orange band: "

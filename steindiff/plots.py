@@ -27,7 +27,7 @@ PANELS = (
     "gamma: raw (markers), applied (line)",
     "residual energy s_uu",
     "divergence s_div",
-    "Lipschitz L of the step: max, median (dots)",
+    "step Lipschitz L: max, median (dots)",
     "error to the reference",
     "cumulative product of max L",
 )

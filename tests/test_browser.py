@@ -116,16 +116,8 @@ def _disjoint(a: list[float], b: list[float]) -> bool:
     return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
 
 
-def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber(server, page):
-    errors, outside = _watch(page)
-    page.set_viewport_size({"width": 900, "height": 1700})  # a small laptop's window: the outputs go below the form
-    page.goto(server + "?model=gmm-ring&solver=ddim&nfe=4&batch=64&seed=5&lipschitz=false&step=2")
-    sync_api.expect(page.get_by_label("solver", exact=True)).to_have_value("ddim")
-    assert page.locator("#download").bounding_box()["height"] < 150  # empty, it does not push the page down
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.wait_for_selector("text=step 2 of 4", timeout=60_000)  # the link's step, not the run's last
-    # both figures drawn with their panels' titles: the particles' two, the diagnostics' six
-    page.wait_for_function("document.querySelectorAll('.run-plot .annotation-text').length >= 8", timeout=60_000)
+def _assert_readable(page) -> None:
+    """The summary table's columns all show; each figure's titles lie whole below its label, none over another."""
     fit = page.evaluate(
         """() => ({
             table: document.querySelector('#summary table').scrollWidth,
@@ -147,6 +139,25 @@ def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber
         assert all(plot["width"][0] <= box[0] and box[2] <= plot["width"][1] for box in plot["titles"]), plot
         titles = plot["titles"]
         assert all(_disjoint(a, b) for i, a in enumerate(titles) for b in titles[i + 1 :]), plot
+
+
+def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber(server, page):
+    errors, outside = _watch(page)
+    page.set_viewport_size({"width": 1100, "height": 1700})  # a small laptop's window
+    page.goto(server + "?model=gmm-ring&solver=ddim&nfe=4&batch=64&seed=5&lipschitz=false&step=2")
+    sync_api.expect(page.get_by_label("solver", exact=True)).to_have_value("ddim")
+    assert page.locator("#download").bounding_box()["height"] < 150  # empty, it does not push the page down
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.wait_for_selector("text=step 2 of 4", timeout=60_000)  # the link's step, not the run's last
+    # both figures drawn with their panels' titles: the particles' two, the diagnostics' six
+    page.wait_for_function("document.querySelectorAll('.run-plot .annotation-text').length >= 8", timeout=60_000)
+    _assert_readable(page)  # 1100 px: beside a 300 px form the outputs would be too narrow, so they go below it
+    page.set_viewport_size({"width": 900, "height": 1700})  # narrower still: the figures redraw at the new width
+    page.wait_for_function(
+        "[...document.querySelectorAll('.run-plot .main-svg')].every(s => s.getBoundingClientRect().width < 880)",
+        timeout=10_000,
+    )
+    _assert_readable(page)
     page.wait_for_function("window.location.search.includes('step=2')", timeout=10_000)
     assert "seed=5" in page.url and "model=gmm-ring" in page.url
     _scrub_to(page, "End")
