@@ -44,8 +44,7 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], fon
 #: first panel's title; the download box holds one file, and empty it would stand 236 px tall under the Run button
 CSS = (
     "#summary :is(td, th) { overflow-wrap: normal; word-break: normal; }"
-    " .run-image .image-container { padding-top: 2.25rem; box-sizing: border-box; }"
-    " .run-plot .js-plotly-plot { padding-top: 2rem; }"
+    " :is(.run-image .image-container, .run-plot .js-plotly-plot) { padding-top: 2.25rem; box-sizing: border-box; }"
     " #download .empty { min-height: 5rem; }"
 )
 #: what the progress line says while a run is outside its steps (before the first, after the last)
