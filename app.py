@@ -1,6 +1,6 @@
 """steindiff in the browser: vanilla and Stein-corrected samplers side by side, from the same noise.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--model NAME=weights.safetensors ...]
+    python app.py [--host 127.0.0.1] [--port 7860] [--model NAME=weights.safetensors ...] [--no-warm-up]
 
 UI only: layout, callbacks, URL state, downloads. The runs, figures and images come from ``steindiff``.
 """
@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -26,11 +27,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr
 
 from steindiff.compute_thread import on_compute_thread
-from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL, WeightsError
+from steindiff.denoisers import DEFAULT_IMAGE_MODEL, WeightsError
 from steindiff.denoisers.hub import DIFFUSERS_PREFIX
 from steindiff.experiment import ExperimentResult, ModelCatalog, run_experiment
 from steindiff.images import save_png, side_by_side
-from steindiff.interactive import CUSTOM_RULE, DEFAULT_RULE, LIMITS, SETTINGS, build_experiment, model_device
+from steindiff.interactive import (
+    CUSTOM_RULE,
+    DEFAULT_RULE,
+    LIMITS,
+    SETTINGS,
+    build_experiment,
+    default_model,
+    model_device,
+    warm_up,
+)
 from steindiff.plots import diagnostics_figure, image_views, particles_figure, steps_csv, summary_markdown
 from steindiff.sampling import Phase
 from steindiff.schedules import SCHEDULES
@@ -164,14 +174,14 @@ class Shown:
     step: int
 
 
-def settings_from_link(params: Mapping[str, str], models: Sequence[str], default_model: str) -> dict[str, Any]:
+def settings_from_link(params: Mapping[str, str], models: Sequence[str], first_model: str) -> dict[str, Any]:
     """The settings a link's query names, each read as its default's type. A value that does not read, or
     that the form does not offer, gives the default: a mistyped link, or a bare '+' (which reads as a space)."""
     state = {}
     for key, default in SETTINGS:
         if key not in params:
             continue
-        offered, fallback = (models, default_model) if key == "model" else (CHOICES.get(key), default)
+        offered, fallback = (models, first_model) if key == "model" else (CHOICES.get(key), default)
         try:
             value = (params[key].lower() == "true") if isinstance(default, bool) else type(default)(params[key])
         except ValueError:
@@ -248,7 +258,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
     """The Blocks app over a model catalog (the registry plus models given on the command line)."""
     names = catalog.names()
     downloads = Path(tempfile.mkdtemp(prefix="steindiff-downloads-"))
-    default_model = DEFAULT_IMAGE_MODEL if (ASSETS / f"{DEFAULT_IMAGE_MODEL}.safetensors").exists() else "gmm-ring"
+    first_model = default_model()
 
     def run(
         model: str,
@@ -269,9 +279,13 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         variant: str,
         lipschitz: bool,
         reference: bool,
+        linked: int | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio's idiom)
     ) -> tuple:
-        """Run vanilla and (optionally) Stein from the same noise; returns every view and a summary."""
+        """Run vanilla and (optionally) Stein from the same noise; returns every view and a summary.
+
+        ``linked``: the step a link asks its first run to open at (the last if the run has fewer; None: the
+        last); it is then spent. A page state, not a parameter of the /run endpoint."""
         settings = (
             model,
             solver,
@@ -292,9 +306,9 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             lipschitz,
             reference,
         )
-        return on_compute_thread(compute, settings, progress)
+        return on_compute_thread(compute, settings, linked, progress)
 
-    def compute(settings: tuple, progress: gr.Progress) -> tuple:
+    def compute(settings: tuple, linked: int | None, progress: gr.Progress) -> tuple:
         """The run and its views, on the one thread that does the server's torch work."""
         try:
             experiment = build_experiment(catalog, *settings)
@@ -318,7 +332,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         except (ValueError, WeightsError) as err:
             raise gr.Error(str(err)) from None
         last = len(result.comparison.sigmas) - 1
-        shown = Shown(result, last)
+        shown = Shown(result, last if linked is None else min(linked, last))
         summary = result.to_json()
         summary.pop("sigmas")
         for run_name in result.runs():
@@ -326,10 +340,11 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         return (
             summary_markdown(result),
             *render(shown),
-            gr.update(maximum=last, value=last),
+            gr.update(maximum=last, value=shown.step),
             summary,
             write_download(result, downloads),
             shown,
+            None,
         )
 
     def scrub(shown: Shown | None, step: float) -> tuple:
@@ -343,17 +358,9 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         keys = [key for key, _ in SETTINGS]
         return tuple(gr.update(value=preset[key]) if key in preset else gr.update() for key in keys)
 
-    def open_linked_step(shown: Shown, step: int | None) -> tuple:
-        """After the first run from a link that names a step: every view at that step (the last if it is past
-        the end); the link's step is then spent. Otherwise nothing changes."""
-        if step is None:
-            return (gr.skip(),) * (len(views) + 3)
-        shown = Shown(shown.result, min(step, len(shown.result.comparison.sigmas) - 1))
-        return (*on_compute_thread(render, shown), gr.update(value=shown.step), shown, None)
-
     def from_url(request: gr.Request) -> tuple:
         params = dict(request.query_params) if request is not None else {}
-        state = settings_from_link(params, names, default_model)
+        state = settings_from_link(params, names, first_model)
         updates = tuple(gr.update(value=state[key]) if key in state else gr.update() for key, _ in SETTINGS)
         return (*updates, step_from_link(params))
 
@@ -364,7 +371,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 preset = gr.Dropdown(list(PRESETS), label="Lesson presets", value=None)
-                model = gr.Dropdown(names, value=default_model, label="model")
+                model = gr.Dropdown(names, value=first_model, label="model")
                 solver = gr.Dropdown(CHOICES["solver"], value=initial["solver"], label="solver")
                 schedule = gr.Dropdown(CHOICES["schedule"], value=initial["schedule"], label="schedule")
                 nfe = gr.Slider(1, LIMITS.max_nfe, value=initial["nfe"], step=1, label="NFE (network evaluations)")
@@ -463,18 +470,14 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         )
         run_button.click(
             run,
-            controls,
-            [summary_md, *views, scrubber, summary_json, download, shown],
+            [*controls, linked_step],
+            [summary_md, *views, scrubber, summary_json, download, shown, linked_step],
             api_name="run",
             js=url_js,
             concurrency_limit=1,
         ).success(layout, shown, [image_group, particles], api_name=False, queue=False).success(
-            open_linked_step,
-            [shown, linked_step],
-            [*views, scrubber, shown, linked_step],
-            api_name=False,
-            concurrency_limit=1,
-        ).success(None, scrubber, None, js=step_js, api_name=False, queue=False)
+            None, scrubber, None, js=step_js, api_name=False, queue=False
+        )
         scrubber.release(scrub, [shown, scrubber], [*views, shown], api_name=False, concurrency_limit=1).success(
             None, scrubber, None, js=step_js, api_name=False, queue=False
         )
@@ -520,6 +523,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(hub id or local folder, safetensors only); repeatable",
     )
     parser.add_argument("--half", action="store_true", help="diffusers models on CUDA: the network in float16")
+    parser.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="serve at once, without first running the form's defaults (which loads the default model, pays its "
+        "first calls' costs and solves seed 0's reference, so that the first request does not)",
+    )
     return parser.parse_args(argv)
 
 
@@ -537,7 +547,19 @@ def main(argv: list[str] | None = None) -> None:
     catalog = ModelCatalog(extra, hub, half=args.half)
     for name in [*extra, *hub]:
         on_compute_thread(catalog.get, name, model_device(catalog, name))  # fail at start-up, not at the first request
+    if args.warm_up:
+        warm(catalog, default_model())
     launch(make_app(catalog), args.host, args.port)
+
+
+def warm(catalog: ModelCatalog, model: str) -> None:
+    """The start-up run of the form's defaults on ``model`` (``interactive.warm_up``), on the compute thread. A
+    model that fails to load (weights corrupt or missing) is reported and served anyway: its requests say why."""
+    print(f"warming up: one run of the form's defaults on {model} (--no-warm-up skips it)", flush=True)
+    try:
+        on_compute_thread(warm_up, catalog, model)
+    except ValueError as err:  # WeightsError among them
+        print(f"app.py: the warm-up on {model} failed, serving anyway: {err}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

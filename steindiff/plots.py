@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 from .experiment import ExperimentResult
 from .images import image_grid
 from .records import RunResult
+from .solvers import SOLVERS, get_solver
 
 __all__ = ["diagnostics_figure", "image_views", "particles_figure", "steps_csv", "summary_markdown"]
 
@@ -463,6 +464,9 @@ def summary_markdown(result: ExperimentResult) -> str:
             else f"step {run.first_nonfinite_step} ({lost} of {len(run.samples)} samples)",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    note = _corrected_step(result) if "stein" in result.runs() else None
+    if note:
+        lines += ["", note]
     if marked:
         lines += [
             "",
@@ -476,6 +480,22 @@ def summary_markdown(result: ExperimentResult) -> str:
             "the images are the autoencoder's decoding of the latents.",
         ]
     return "\n".join(lines)
+
+
+def _corrected_step(result: ExperimentResult) -> str | None:
+    """Where the corrected run's step is not simply the solver's combined with gamma: the look-ahead
+    corrector's (which moves it even at gamma = 1), or the solver's own at every step (gamma never left 1)."""
+    solver, stein = result.experiment.solver, result.experiment.stein
+    if stein is not None and stein.lookahead and not get_solver(solver).looks_ahead:
+        alone = f"{solver}+lookahead"
+        return (
+            "The corrected run steps with the look-ahead corrector (the next step's network call, no extra NFE; "
+            "none at the last step), then the Stein coefficient: its steps differ from vanilla's even where "
+            "gamma stays 1." + (f" The solver `{alone}` is the corrector alone." if alone in SOLVERS else "")
+        )
+    if result.comparison.stein.gamma_moves[1] == 0:
+        return "The applied gamma stayed 1 at every step: the corrected run is vanilla's, step for step."
+    return None
 
 
 def _moves(moved: int, ruled: int, applied: list[float]) -> str:

@@ -47,7 +47,8 @@ def test_the_form_starts_at_the_run_endpoints_defaults():
     """What the page shows before any change is what /run does when called with app.SETTINGS."""
     demo = app.make_app(ModelCatalog())
     run = next(fn for fn in demo.fns.values() if fn.api_name == "run")
-    assert [component.value for component in run.inputs] == [value for _, value in app.SETTINGS]
+    parameters = [component for component in run.inputs if not component.skip_api]  # the page's states aside
+    assert [component.value for component in parameters] == [value for _, value in app.SETTINGS]
 
 
 def test_every_preset_is_a_valid_run_the_form_offers():
@@ -331,3 +332,47 @@ def test_runs_from_the_same_noise_reuse_the_reference_solution():
         assert calls[True] - calls[False] == reference_calls, (change, calls)
         runs = [other.comparison.vanilla, other.comparison.stein]
         assert all(run.final_err_ref is not None and math.isfinite(run.final_err_ref) for run in runs)
+
+
+def test_the_warm_up_leaves_the_first_request_no_reference_to_solve():
+    """After the start-up run of the form's defaults, a request with them finds the model loaded and its
+    reference solved: the reference adds no network call (on a catalog not warmed up, a whole solve)."""
+    defaults = {**dict(app.SETTINGS), "model": "gmm-ring", "lipschitz": False}
+    solve = math.ceil(math.log(80 / 2e-5) / 0.05) + 1  # as above: the 3M lattice, then D at its floor
+
+    def reference_calls(catalog: ModelCatalog) -> int:
+        model = catalog.get("gmm-ring")
+        calls = {}
+        for reference in (True, False):  # with the reference first: a cold catalog solves it here
+            counted = []
+            hook = model.register_forward_hook(lambda *_, counted=counted: counted.append(1))
+            try:
+                experiment = app.build_experiment(catalog, *{**defaults, "reference": reference}.values())
+                run_experiment(experiment, catalog, app.LIMITS)
+            finally:
+                hook.remove()
+            calls[reference] = len(counted)
+        return calls[True] - calls[False]
+
+    warmed = ModelCatalog()
+    interactive.warm_up(warmed, "gmm-ring")
+    assert reference_calls(warmed) == 0
+    assert reference_calls(ModelCatalog()) == solve
+    assert app.parse_args([]).warm_up and not app.parse_args(["--no-warm-up"]).warm_up
+
+
+def test_a_warm_up_on_a_corrupt_model_is_reported_and_the_server_still_serves(tmp_path, capsys):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    catalog = ModelCatalog({"broken": broken})
+    app.warm(catalog, "broken")
+    assert "the warm-up on broken failed, serving anyway" in capsys.readouterr().err
+    demo = app.make_app(catalog)
+    url = app.launch(demo, port=None, block=False)
+    try:
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="broken"):
+            _call(client, model="broken")
+        assert _call(client)[10]["vanilla"]["nfe_total"] == 5  # the server goes on serving
+    finally:
+        demo.close()

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from steindiff import initial_noise, load_model
@@ -79,3 +80,22 @@ def test_the_summary_says_at_how_many_steps_the_applied_gamma_moved_off_1_and_wh
     assert torch.equal(held.comparison.stein.samples, held.comparison.vanilla.samples)
     vanilla_row = next(line for line in summary_markdown(held).splitlines() if line.startswith("| vanilla"))
     assert "steps" not in vanilla_row  # vanilla only observes the rule: nothing moved, nothing to count
+    assert "is vanilla's, step for step" in summary_markdown(held)
+    assert "step for step" not in summary_markdown(literal) and "look-ahead" not in summary_markdown(literal)
+
+
+@pytest.mark.parametrize(("solver", "corrector_alone"), [("dpmpp_2m", True), ("unipc", False)])
+def test_the_summary_says_when_the_corrected_run_steps_with_the_look_ahead_corrector(solver, corrector_alone):
+    """Under the look-ahead rule the corrected run steps with the corrector, and differs from vanilla with gamma
+    held at 1; UniPC's own step already looks ahead, so there the two runs are the same."""
+    stein = SteinConfig(gamma_min=1.0, gamma_max=1.0, probes=1, lookahead=True)
+    experiment = Experiment(
+        model="gmm-ring", solver=solver, nfe=5, batch=64, stein=stein, diagnostics=DiagnosticsConfig(lipschitz=False)
+    )
+    result = run_experiment(experiment, ModelCatalog())
+    table = summary_markdown(result)
+    assert result.comparison.stein.gamma_moves[1] == 0
+    assert torch.equal(result.comparison.stein.samples, result.comparison.vanilla.samples) == (not corrector_alone)
+    assert ("steps with the look-ahead corrector" in table) == corrector_alone
+    assert ("`dpmpp_2m+lookahead` is the corrector alone" in table) == corrector_alone
+    assert ("is vanilla's, step for step" in table) == (not corrector_alone)
