@@ -71,9 +71,7 @@ def warm_up(catalog: ModelCatalog, model: str) -> None:
     On the 2-core CPU the app's first request with the defaults took 5.3 s after it instead of 8.5 s (the next
     ones 3.8-4.2 s); the server started serving 5 s later (13.4 s against 8.0 s)."""
     settings = {**dict(SETTINGS), "model": model}
-    experiment = build_experiment(catalog, *settings.values())
-    experiment.check(catalog, LIMITS)
-    run_experiment(experiment, catalog, LIMITS)
+    run_experiment(build_experiment(catalog, *settings.values()), catalog, LIMITS)
 
 
 def model_device(catalog: ModelCatalog, model: str) -> str:
