@@ -84,8 +84,8 @@ def test_the_summary_says_at_how_many_steps_the_applied_gamma_moved_off_1_and_wh
     assert "step for step" not in summary_markdown(literal) and "look-ahead" not in summary_markdown(literal)
 
 
-@pytest.mark.parametrize(("solver", "corrector_alone"), [("dpmpp_2m", True), ("unipc", False)])
-def test_the_summary_says_when_the_corrected_run_steps_with_the_look_ahead_corrector(solver, corrector_alone):
+@pytest.mark.parametrize(("solver", "with_corrector"), [("dpmpp_2m", True), ("unipc", False)])
+def test_the_summary_says_when_the_corrected_run_steps_with_the_look_ahead_corrector(solver, with_corrector):
     """Under the look-ahead rule the corrected run steps with the corrector, and differs from vanilla with gamma
     held at 1; UniPC's own step already looks ahead, so there the two runs are the same."""
     stein = SteinConfig(gamma_min=1.0, gamma_max=1.0, probes=1, lookahead=True)
@@ -95,7 +95,7 @@ def test_the_summary_says_when_the_corrected_run_steps_with_the_look_ahead_corre
     result = run_experiment(experiment, ModelCatalog())
     table = summary_markdown(result)
     assert result.comparison.stein.gamma_moves[1] == 0
-    assert torch.equal(result.comparison.stein.samples, result.comparison.vanilla.samples) == (not corrector_alone)
-    assert ("steps with the look-ahead corrector" in table) == corrector_alone
-    assert ("`dpmpp_2m+lookahead` is the corrector alone" in table) == corrector_alone
-    assert ("is vanilla's, step for step" in table) == (not corrector_alone)
+    assert torch.equal(result.comparison.stein.samples, result.comparison.vanilla.samples) == (not with_corrector)
+    assert ("steps with the look-ahead corrector" in table) == with_corrector
+    assert ("`dpmpp_2m+lookahead` is the corrector alone" in table) == with_corrector
+    assert ("is vanilla's, step for step" in table) == (not with_corrector)
