@@ -13,7 +13,9 @@ CPU) even for plain http, and one made with ``ssl_verify=False``, which for an h
 that: no TLS is spoken on either. A browser fetches the files over kept-alive connections and builds no
 such context. The server is its own process, with torch's default threads unless OMP_NUM_THREADS is set;
 a client in the server's process would compete with it for the interpreter lock. Before the calls it
-prints the share of a core the idle server uses (Linux). Not a test: the figures depend on the machine.
+prints the share of a core the idle server uses (Linux) and the time of the server's first request, the
+form's defaults (which `python app.py` runs once before it serves, unless given --no-warm-up). Not a test:
+the figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ def main() -> None:
         threads = os.environ.get("OMP_NUM_THREADS", f"torch's default ({os.cpu_count()} cores)")
         print(f"server: python app.py, torch threads: {threads}")
         print(f"server idle: {_idle_share(server.pid)}")
+        start = time.perf_counter()
+        client.predict(*BASE.values(), api_name="/run")  # what a first visitor's Run sends
+        print(f"the server's first request, the form's defaults: {time.perf_counter() - start:.3f} s")
         clients = {
             "gradio_client's defaults": client,
             "no TLS context (ssl_verify=False)": Client(url, verbose=False, ssl_verify=False),

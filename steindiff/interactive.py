@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .denoisers import ASSETS, DEFAULT_IMAGE_MODEL
-from .experiment import Experiment, Limits, ModelCatalog, run_experiment
+from .experiment import Experiment, ExperimentResult, Limits, ModelCatalog, run_experiment
 from .records import DiagnosticsConfig
 from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, SteinConfig, variant_settings
 
@@ -64,14 +64,14 @@ def default_model() -> str:
     return DEFAULT_IMAGE_MODEL if (ASSETS / f"{DEFAULT_IMAGE_MODEL}.safetensors").exists() else "gmm-ring"
 
 
-def warm_up(catalog: ModelCatalog, model: str) -> None:
+def warm_up(catalog: ModelCatalog, model: str) -> ExperimentResult:
     """One run of the form's defaults on ``model``, as a server's first request would make it: the model is
     loaded, the first calls' costs at each shape (on the CPU, oneDNN's kernels for each batch; on a GPU, the
     context and cuDNN's choices) are paid, and the default seed's reference solution is cached in ``catalog``.
-    On the 2-core CPU the app's first request with the defaults took 5.3 s after it instead of 8.5 s (the next
-    ones 3.8-4.2 s); the server started serving 5 s later (13.4 s against 8.0 s)."""
+    The app's start-up runs it (docs/app-performance.md: on the 2-core CPU the first request then took 4.7 s,
+    as the next did, instead of 8.4-8.8 s)."""
     settings = {**dict(SETTINGS), "model": model}
-    run_experiment(build_experiment(catalog, *settings.values()), catalog, LIMITS)
+    return run_experiment(build_experiment(catalog, *settings.values()), catalog, LIMITS)
 
 
 def model_device(catalog: ModelCatalog, model: str) -> str:
