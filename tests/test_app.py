@@ -355,7 +355,7 @@ def test_the_warm_up_leaves_the_first_request_no_reference_to_solve():
         return calls[True] - calls[False]
 
     warmed = ModelCatalog()
-    interactive.warm_up(warmed, "gmm-ring")
+    app.warm(warmed, "gmm-ring")  # interactive.warm_up's run, its views drawn, on the compute thread
     assert reference_calls(warmed) == 0
     assert reference_calls(ModelCatalog()) == solve
     assert app.parse_args([]).warm_up and not app.parse_args(["--no-warm-up"]).warm_up
