@@ -533,6 +533,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def warm(catalog: ModelCatalog, model: str) -> None:
+    """What a server's first request would pay for, paid before it serves: the run of the form's defaults on
+    ``model`` (``interactive.warm_up``) and its views, on the compute thread, and matplotlib's import (gradio
+    sets matplotlib's backend around every call, whether or not it draws with it: 0.6 s at the first on the
+    2-core CPU). A model that fails to load (weights corrupt or missing) is reported and served anyway: its
+    requests say why."""
+    print(f"warming up: one run of the form's defaults on {model} (--no-warm-up skips it)", flush=True)
+    with gr.utils.MatplotlibBackendMananger():  # gradio's own (sic), around each call; nothing when not installed
+        pass
+    try:
+        result = on_compute_thread(warm_up, catalog, model)
+    except ValueError as err:  # WeightsError among them
+        print(f"app.py: the warm-up on {model} failed, serving anyway: {err}", file=sys.stderr, flush=True)
+        return
+    on_compute_thread(render, Shown(result, len(result.comparison.sigmas) - 1))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     extra, hub = {}, []
@@ -550,23 +567,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.warm_up:
         warm(catalog, default_model())
     launch(make_app(catalog), args.host, args.port)
-
-
-def warm(catalog: ModelCatalog, model: str) -> None:
-    """What a server's first request would pay for, paid before it serves: the run of the form's defaults on
-    ``model`` (``interactive.warm_up``) and its views, on the compute thread, and matplotlib's import (gradio
-    sets matplotlib's backend around every call, whether or not it draws with it: 0.6 s at the first on the
-    2-core CPU). A model that fails to load (weights corrupt or missing) is reported and served anyway: its
-    requests say why."""
-    print(f"warming up: one run of the form's defaults on {model} (--no-warm-up skips it)", flush=True)
-    with gr.utils.MatplotlibBackendMananger():  # gradio's own (sic), around each call; nothing when not installed
-        pass
-    try:
-        result = on_compute_thread(warm_up, catalog, model)
-    except ValueError as err:  # WeightsError among them
-        print(f"app.py: the warm-up on {model} failed, serving anyway: {err}", file=sys.stderr, flush=True)
-        return
-    on_compute_thread(render, Shown(result, len(result.comparison.sigmas) - 1))
 
 
 if __name__ == "__main__":
