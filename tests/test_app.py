@@ -300,6 +300,17 @@ def test_image_model_run_returns_grids_and_a_slider(server):
     assert out[10]["stein"]["nfe_total"] == 3
 
 
+def _counted_run(catalog: ModelCatalog, settings: dict) -> tuple:
+    """The run of ``settings`` (the form's, in order) and the network calls of its model it made."""
+    counted = []
+    hook = catalog.get(settings["model"]).register_forward_hook(lambda *_: counted.append(1))
+    try:
+        result = run_experiment(app.build_experiment(catalog, *settings.values()), catalog, app.LIMITS)
+    finally:
+        hook.remove()
+    return result, len(counted)
+
+
 def test_runs_from_the_same_noise_reuse_the_reference_solution():
     catalog = ModelCatalog()
     settings = {**GOOD, "lipschitz": False}
@@ -307,7 +318,6 @@ def test_runs_from_the_same_noise_reuse_the_reference_solution():
     capped = {**settings, "literal": False, "gamma_max": 1.0}
     second = run_experiment(app.build_experiment(catalog, *capped.values()), catalog, app.LIMITS)
     assert second.comparison.reference is first.comparison.reference  # same grid: the same states
-    model = catalog.get("gmm-ring")
     # a new grid costs the reference no call (the 3M lattice's dense output and its kept denoised floor
     # state); nor does a new batch on the same grid (the same 64 samples). A new seed is a new solve: 3M steps
     # of at most 0.05 in log sigma from 80 to 0.01 sigma_min (ceil(log(80 / 2e-5) / 0.05) = 305), then D there
@@ -317,17 +327,7 @@ def test_runs_from_the_same_noise_reuse_the_reference_solution():
     for change, reference_calls in changes:
         calls = {}
         for reference in (False, True):
-            counted = []
-            hook = model.register_forward_hook(lambda *_, counted=counted: counted.append(1))
-            try:
-                other = run_experiment(
-                    app.build_experiment(catalog, *{**capped, **change, "reference": reference}.values()),
-                    catalog,
-                    app.LIMITS,
-                )
-            finally:
-                hook.remove()
-            calls[reference] = len(counted)
+            other, calls[reference] = _counted_run(catalog, {**capped, **change, "reference": reference})
         assert (other.comparison.flow is first.comparison.flow) == ("seed" not in change), change
         assert calls[True] - calls[False] == reference_calls, (change, calls)
         runs = [other.comparison.vanilla, other.comparison.stein]
@@ -341,17 +341,10 @@ def test_the_warm_up_leaves_the_first_request_no_reference_to_solve():
     solve = math.ceil(math.log(80 / 2e-5) / 0.05) + 1  # as above: the 3M lattice, then D at its floor
 
     def reference_calls(catalog: ModelCatalog) -> int:
-        model = catalog.get("gmm-ring")
-        calls = {}
-        for reference in (True, False):  # with the reference first: a cold catalog solves it here
-            counted = []
-            hook = model.register_forward_hook(lambda *_, counted=counted: counted.append(1))
-            try:
-                experiment = app.build_experiment(catalog, *{**defaults, "reference": reference}.values())
-                run_experiment(experiment, catalog, app.LIMITS)
-            finally:
-                hook.remove()
-            calls[reference] = len(counted)
+        # with the reference first: a cold catalog solves it here
+        calls = {
+            reference: _counted_run(catalog, {**defaults, "reference": reference})[1] for reference in (True, False)
+        }
         return calls[True] - calls[False]
 
     warmed = ModelCatalog()
