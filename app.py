@@ -36,6 +36,7 @@ from steindiff.interactive import (
     DEFAULT_RULE,
     LIMITS,
     SETTINGS,
+    batch_for_model,
     build_experiment,
     default_model,
     model_device,
@@ -358,13 +359,24 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
         keys = [key for key, _ in SETTINGS]
         return tuple(gr.update(value=preset[key]) if key in preset else gr.update() for key in keys)
 
+    def batch_for_choice(name: str, current: float | None) -> float | None:
+        # a registry or hub model's kind is known without loading it; a command-line model's was found when
+        # main loaded it at start-up
+        try:
+            return batch_for_model(catalog, name, current)
+        except ValueError:  # weights that do not load: the run says why
+            return current
+
     def from_url(request: gr.Request) -> tuple:
         params = dict(request.query_params) if request is not None else {}
         state = settings_from_link(params, names, first_model)
+        if "model" in state and "batch" not in state:
+            state["batch"] = batch_for_choice(state["model"], initial["batch"])
         updates = tuple(gr.update(value=state[key]) if key in state else gr.update() for key, _ in SETTINGS)
         return (*updates, step_from_link(params))
 
-    initial = dict(SETTINGS)  # the form starts where /run's defaults are
+    initial = dict(SETTINGS)  # the form starts where /run's defaults are, at its first model's batch
+    initial["batch"] = batch_for_choice(first_model, initial["batch"])
     # gradio keeps a copy of every output file: those older than an hour go, hourly
     with gr.Blocks(title="steindiff: the contractivity trap", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# steindiff: few-step diffusion sampling, the contractivity trap, and the Stein correction")
@@ -482,6 +494,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
             None, scrubber, None, js=step_js, api_name=False, queue=False
         )
         preset.input(apply_preset, preset, controls, api_name=False)
+        model.input(batch_for_choice, [model, batch], batch, api_name=False, queue=False)
         rule.change(
             lambda name: (gr.update(visible=name == CUSTOM_RULE),) * 3,
             rule,

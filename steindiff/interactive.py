@@ -21,6 +21,7 @@ __all__ = [
     "DEVICE",
     "LIMITS",
     "SETTINGS",
+    "batch_for_model",
     "build_experiment",
     "default_model",
     "model_device",
@@ -33,13 +34,17 @@ DEFAULT_RULE = DEFAULT_VARIANT
 #: the rule that takes the clip from the form's gamma_min, gamma_max and literal settings
 CUSTOM_RULE = CUSTOM_VARIANT
 
+#: the batch the form offers for each kind of model: 16 samples of an image model (as /run's default), 2,000
+#: particles of a 2-D one, enough to draw its distribution and steady the rule's batch statistics
+DEFAULT_BATCH: dict[str, int] = {"image": 16, "2d": 2000}
+
 #: (name, default) of the settings, in the order of the /run endpoint's parameters and of the URL
 SETTINGS: list[tuple[str, Any]] = [
     ("model", DEFAULT_IMAGE_MODEL),
     ("solver", "dpmpp_2m"),
     ("schedule", "karras"),
     ("nfe", 5),
-    ("batch", 16),
+    ("batch", DEFAULT_BATCH["image"]),
     ("seed", 0),
     ("stein_on", True),
     ("gamma_min", 0.1),
@@ -59,18 +64,34 @@ SETTINGS: list[tuple[str, Any]] = [
 ]
 
 
+def batch_for_model(catalog: ModelCatalog, model: str, batch: float | None) -> float | None:
+    """The batch the form shows once ``model`` is chosen: ``batch`` where the user set it, the model kind's
+    default (:data:`DEFAULT_BATCH`) where it is another kind's default, empty or over this kind's limit.
+    Unknown models leave it as it is (the run's check names them)."""
+    if not catalog.accepts(model):
+        return batch
+    kind = catalog.kind(model)
+    limit = LIMITS.max_image_batch if kind == "image" else LIMITS.max_batch
+    others = {value for other, value in DEFAULT_BATCH.items() if other != kind}
+    if batch is None or batch in others or not 1 <= batch <= limit:
+        return DEFAULT_BATCH[kind]
+    return batch
+
+
 def default_model() -> str:
     """The model the form starts with: the shipped image network, or ``gmm-ring`` where its weights are missing."""
     return DEFAULT_IMAGE_MODEL if (ASSETS / f"{DEFAULT_IMAGE_MODEL}.safetensors").exists() else "gmm-ring"
 
 
 def warm_up(catalog: ModelCatalog, model: str) -> ExperimentResult:
-    """One run of the form's defaults on ``model``, as a server's first request would make it: the model is
-    loaded, the first calls' costs at each shape (on the CPU, oneDNN's kernels for each batch; on a GPU, the
-    context and cuDNN's choices) are paid, and the default seed's reference solution is cached in ``catalog``.
+    """One run of the form's defaults on ``model``, at the batch the form shows for it, as a server's first
+    request would make it: the model is loaded, the first calls' costs at each shape (on the CPU, oneDNN's
+    kernels for each batch; on a GPU, the context and cuDNN's choices) are paid, and the default seed's
+    reference solution is cached in ``catalog``.
     The app's start-up runs it (docs/app-performance.md: on the 2-core CPU the first request then took 4.7 s,
     as the next did, instead of 8.4-8.8 s)."""
     settings = {**dict(SETTINGS), "model": model}
+    settings["batch"] = batch_for_model(catalog, model, settings["batch"])
     return run_experiment(build_experiment(catalog, *settings.values()), catalog, LIMITS)
 
 

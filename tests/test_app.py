@@ -82,6 +82,24 @@ def test_a_link_names_the_step_its_first_run_opens_at():
     assert app.step_from_link({"seed": "7"}) is None
 
 
+def test_choosing_a_model_gives_its_kinds_batch_unless_the_user_set_one():
+    catalog = ModelCatalog()
+    image, particles = interactive.DEFAULT_BATCH["image"], interactive.DEFAULT_BATCH["2d"]
+    assert image == dict(app.SETTINGS)["batch"] and particles > app.LIMITS.max_image_batch
+    for model, batch, shown in [
+        ("gmm-ring", image, particles),  # another kind's default
+        ("mnist", particles, image),
+        ("mlp-moons", None, particles),  # the field emptied
+        ("mnist", 512, image),  # more than an image batch may be
+        ("gmm-ring", 0, particles),
+        ("gmm-ring", 64, 64),  # the user's own
+        ("mnist", 64, 64),
+        ("gmm-ring", particles, particles),
+        ("nope", 5000, 5000),  # unknown: the run names it
+    ]:
+        assert interactive.batch_for_model(catalog, model, batch) == shown, (model, batch)
+
+
 def test_the_queue_looks_for_requests_every_10_ms():
     """gradio's queue loop wakes every 1 ms, which takes CPU from torch on a small machine (app.QUEUE_POLL_S).
     The app sets gradio's private attribute, so this fails if gradio's loop stops reading it."""
@@ -337,7 +355,7 @@ def test_runs_from_the_same_noise_reuse_the_reference_solution():
 def test_the_warm_up_leaves_the_first_request_no_reference_to_solve():
     """After the start-up run of the form's defaults, a request with them finds the model loaded and its
     reference solved: the reference adds no network call (on a catalog not warmed up, a whole solve)."""
-    defaults = {**dict(app.SETTINGS), "model": "gmm-ring", "lipschitz": False}
+    defaults = {**dict(app.SETTINGS), "model": "gmm-ring", "batch": interactive.DEFAULT_BATCH["2d"], "lipschitz": False}
     solve = math.ceil(math.log(80 / 2e-5) / 0.05) + 1  # as above: the 3M lattice, then D at its floor
 
     def reference_calls(catalog: ModelCatalog) -> int:

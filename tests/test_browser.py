@@ -73,10 +73,19 @@ def _choose(page, label: str, option: str) -> None:
 
 def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     errors, outside = _watch(page)
-    page.goto(server + "?model=mlp-ring&batch=512&seed=3")
+    page.goto(server + "?model=mlp-ring&seed=3")
     page.wait_for_selector("text=Lesson presets")
     sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mlp-ring")  # state from the URL
     sync_api.expect(page.get_by_label("seed", exact=True)).to_have_value("3")
+    batch = page.get_by_label("batch (2-D: up to 4096 particles; images: up to 256)", exact=True)
+    sync_api.expect(batch).to_have_value("2000")  # the link named a 2-D model and no batch
+    _choose(page, "model", "mnist")
+    sync_api.expect(batch).to_have_value("16")  # the 2-D default became the image one
+    batch.fill("12")
+    batch.press("Tab")
+    _choose(page, "model", "gmm-ring")
+    sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("gmm-ring")
+    sync_api.expect(batch).to_have_value("12")  # a batch the user set stays
     _choose(page, "Lesson presets", "Stein rescues 3-step Heun (mnist, 5 NFE)")
     sync_api.expect(page.get_by_label("solver", exact=True)).to_have_value("heun")  # the preset has landed
     sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mnist")
