@@ -304,18 +304,20 @@ def _finite_rows(x: torch.Tensor) -> np.ndarray:
 
 def particles_figure(result: ExperimentResult, step: int, trajectories: int = 24) -> go.Figure:
     """2-D models: particles at step k over the denoiser's pull, vanilla | Stein, with the first
-    trajectories up to k (solid) and the reference trajectories from the same noise (dashed)."""
+    trajectories up to k (solid) and the reference trajectories from the same noise (dashed). Each panel is
+    framed to 99% of its own particles, at least |x| <= 2.5: a run that scatters does not hide the other's."""
     runs = result.runs()
     layout = _subplots(1, len(runs), [f"{n} at step {step}" for n in runs], horizontal_spacing=0.06)
     traces: list[dict[str, Any]] = []
     reference = result.comparison.reference
     sigmas = result.comparison.sigmas
-    view = 2.5
+    frames: list[float] = []
     for col, (name, run) in enumerate(runs.items(), start=1):
         states = run.states
         k = min(step, len(states) - 1)
         points = _finite_rows(states[k])
-        view = max(view, float(np.percentile(np.abs(points), 99)) if len(points) else view)
+        spread = float(np.percentile(np.abs(points), 99)) if len(points) else 0.0
+        frames.append(min(1.05 * max(2.5, spread), 1e4))
         if result.field is not None and k < len(result.field.displacement):
             arrows = _arrows(result.field.points.numpy(), result.field.displacement[k].numpy())
             traces.append(_in_panel({**arrows, "showlegend": col == 1}, col))
@@ -369,11 +371,9 @@ def particles_figure(result: ExperimentResult, step: int, trajectories: int = 24
                     "font": {"color": "red"},
                 }
             )
-    view = min(view * 1.05, 1e4)
-    for axis in _axes(layout, "x"):
-        axis["range"] = [-view, view]
-    for axis in _axes(layout, "y"):
-        axis.update(range=[-view, view], scaleanchor="x")
+    for col, frame in enumerate(frames, start=1):
+        layout[f"xaxis{_axis(col)}"]["range"] = [-frame, frame]
+        layout[f"yaxis{_axis(col)}"].update(range=[-frame, frame], scaleanchor=f"x{_axis(col)}")
     layout.update(
         height=460,
         margin={"l": 30, "r": 10, "t": 50, "b": 30},

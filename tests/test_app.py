@@ -176,6 +176,23 @@ def test_render_and_download_from_a_real_run(tmp_path):
     assert sorted(str(next(p.glob("*.zip"))) for p in tmp_path.glob("run-*")) == sorted(newest)  # older ones go
 
 
+def test_each_particle_panel_is_framed_to_its_own_run():
+    """The literal rule scatters a 4-step DDIM run's particles over hundreds; vanilla's stay on the ring,
+    framed as they are, not drawn as a dot in the scattered run's frame."""
+    catalog = ModelCatalog()
+    literal = {**GOOD, "solver": "ddim", "nfe": 4, "rule": "stein", "lipschitz": False, "reference": False}
+    result = run_experiment(app.build_experiment(catalog, *literal.values()), catalog, app.LIMITS)
+    layout = particles_figure(result, 4).layout
+    for run, x, y in [
+        (result.comparison.vanilla, layout.xaxis, layout.yaxis),
+        (result.comparison.stein, layout.xaxis2, layout.yaxis2),
+    ]:
+        inside = (run.states[-1].abs() <= x.range[1]).all(1).float().mean()
+        assert inside >= 0.98 and tuple(y.range) == tuple(x.range) and y.scaleanchor == y.anchor, (x, y)
+    assert layout.xaxis.range[1] == pytest.approx(2.625)  # the ring's floor
+    assert layout.xaxis2.range[1] > 10 * layout.xaxis.range[1]
+
+
 def test_digit_scores_of_a_run_with_non_finite_samples_are_marked():
     """A run that overflows at its second step still gets digit scores (its non-finite pixels scored as
     background or ink): the table marks them and says what they measure; the vanilla run's stay unmarked."""
