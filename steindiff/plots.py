@@ -499,8 +499,17 @@ def _corrected_step(result: ExperimentResult) -> str | None:
 
 
 def _moves(moved: int, ruled: int, applied: list[float]) -> str:
-    """'3 of 5 steps (0.27 .. 1.04)': the steps whose applied gamma left 1, and the range it went to."""
-    return f"{moved} of {ruled} steps" + (f" ({min(applied):.3g} .. {max(applied):.3g})" if applied else "")
+    """'3 of 5 steps (0.27 .. 1.04)': the steps whose applied gamma left 1, and the range it went to (one
+    value where it went to one; 1.002, not 1, where it moved by less than 3 digits show)."""
+    if not applied:
+        return f"{moved} of {ruled} steps"
+    ends = dict.fromkeys([_off_one(min(applied)), _off_one(max(applied))])
+    return f"{moved} of {ruled} steps ({' .. '.join(ends)})"
+
+
+def _off_one(gamma: float) -> str:
+    """``gamma`` (not 1) to 3 significant digits, or as many more as tell it from 1."""
+    return next(text for digits in range(3, 18) if (text := f"{gamma:.{digits}g}") != "1")
 
 
 def _fmt(value: float | None) -> str:

@@ -8,7 +8,7 @@ import torch
 from steindiff import initial_noise, load_model
 from steindiff.denoisers import prepare_for_device
 from steindiff.experiment import Experiment, ModelCatalog, run_experiment
-from steindiff.plots import summary_markdown
+from steindiff.plots import _moves, summary_markdown
 from steindiff.records import DiagnosticsConfig
 from steindiff.stein import SteinConfig
 
@@ -82,6 +82,14 @@ def test_the_summary_says_at_how_many_steps_the_applied_gamma_moved_off_1_and_wh
     assert "steps" not in vanilla_row  # vanilla only observes the rule: nothing moved, nothing to count
     assert "is vanilla's, step for step" in summary_markdown(held)
     assert "step for step" not in summary_markdown(literal) and "look-ahead" not in summary_markdown(literal)
+
+
+def test_the_gamma_range_tells_a_move_smaller_than_its_digits_from_1():
+    """mnist's default run, seed 4, applies gamma = 1.0019 once: '(1 .. 1)' read as no move at all."""
+    assert _moves(1, 5, [1.0019242]) == "1 of 5 steps (1.002)"
+    assert _moves(2, 5, [1.5, 0.99996]) == "2 of 5 steps (0.99996 .. 1.5)"
+    assert _moves(3, 5, [0.27, 1.04, 0.5]) == "3 of 5 steps (0.27 .. 1.04)"
+    assert _moves(0, 5, []) == "0 of 5 steps"
 
 
 @pytest.mark.parametrize(("solver", "with_corrector"), [("dpmpp_2m", True), ("unipc", False)])
