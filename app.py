@@ -42,7 +42,14 @@ from steindiff.interactive import (
     model_device,
     warm_up,
 )
-from steindiff.plots import diagnostics_figure, image_views, particles_figure, steps_csv, summary_markdown
+from steindiff.plots import (
+    diagnostics_figure,
+    image_views,
+    particles_csv,
+    particles_figure,
+    steps_csv,
+    summary_markdown,
+)
 from steindiff.sampling import Phase
 from steindiff.schedules import SCHEDULES
 from steindiff.solvers import SOLVERS, get_solver
@@ -233,8 +240,9 @@ def layout(shown: Shown) -> tuple:
 
 
 def write_download(result: ExperimentResult, downloads: Path, keep: int = 32) -> str:
-    """A zip of the run (config and summary JSON, the per-step CSV, PNGs of the final samples) in a new
-    folder under ``downloads``; the folders of older runs beyond the newest ``keep`` are deleted."""
+    """A zip of the run (config and summary JSON, the per-step CSV, the final samples: PNGs of images, a CSV of
+    particles) in a new folder under ``downloads``; the folders of older runs beyond the newest ``keep`` are
+    deleted."""
     earlier = sorted(downloads.glob("run-*"), key=lambda p: p.stat().st_mtime_ns)
     for stale in earlier[: max(0, len(earlier) - keep + 1)]:
         shutil.rmtree(stale, ignore_errors=True)
@@ -252,6 +260,8 @@ def write_download(result: ExperimentResult, downloads: Path, keep: int = 32) ->
                 archive.write(png, png.name)
             save_png(folder / "side_by_side.png", side_by_side([final[f"{n}_state"] for n in result.runs()]))
             archive.write(folder / "side_by_side.png", "side_by_side.png")
+        else:
+            archive.writestr("particles.csv", particles_csv(result))
     return str(path)
 
 

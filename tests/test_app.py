@@ -1,6 +1,8 @@
 """The Gradio app: callbacks as functions, and a launched server called with gradio_client."""
 
+import csv
 import inspect
+import io
 import itertools
 import json
 import math
@@ -10,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.utils import StatusUpdate
 
@@ -172,6 +175,14 @@ def test_render_and_download_from_a_real_run(tmp_path):
     with zipfile.ZipFile(app.write_download(result, tmp_path)) as archive:
         assert {"run.json", "steps.csv"} <= set(archive.namelist())
         assert archive.read("steps.csv").decode().count("\n") == 11  # header + 5 steps x 2 runs
+        rows = list(csv.DictReader(io.StringIO(archive.read("particles.csv").decode())))
+    finals = {
+        **{name: run.samples for name, run in result.runs().items()},
+        "reference": result.comparison.reference[-1],
+    }
+    for name, samples in finals.items():  # the final samples, the reference's 32 (of its first 64) among them
+        written = torch.tensor([[float(r["x"]), float(r["y"])] for r in rows if r["run"] == name])
+        assert len(samples) == 32 and torch.equal(written.to(samples.dtype), samples), name
     newest = [app.write_download(result, tmp_path, keep=2) for _ in range(3)][-2:]
     assert sorted(str(next(p.glob("*.zip"))) for p in tmp_path.glob("run-*")) == sorted(newest)  # older ones go
 
@@ -333,6 +344,9 @@ def test_image_model_run_returns_grids_and_a_slider(server):
     assert vanilla is not None and stein is not None and len(slider) == 2
     assert out[6] is None or out[6].get("visible") is False  # no particle plot for an image model
     assert out[10]["stein"]["nfe_total"] == 3
+    with zipfile.ZipFile(out[11]) as archive:  # the final samples as images
+        files = set(archive.namelist())
+    assert {"vanilla.png", "stein.png", "side_by_side.png"} <= files and "particles.csv" not in files
 
 
 def _counted_run(catalog: ModelCatalog, settings: dict) -> tuple:
