@@ -522,13 +522,12 @@ def particles_csv(result: ExperimentResult) -> str:
     finals = {name: run.samples for name, run in result.runs().items()}
     if result.comparison.reference is not None:
         finals["reference"] = result.comparison.reference[-1]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", "sample", "x", "y"])
-    for name, samples in finals.items():
-        for index, (x, y) in enumerate(samples.tolist()):
-            writer.writerow([name, index, f"{x:.9g}", f"{y:.9g}"])
-    return buffer.getvalue()
+    rows = (
+        f"{name},{index},{x:.9g},{y:.9g}\n"
+        for name, samples in finals.items()
+        for index, (x, y) in enumerate(samples.tolist())
+    )
+    return "run,sample,x,y\n" + "".join(rows)
 
 
 def steps_csv(result: ExperimentResult) -> str:
