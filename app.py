@@ -59,11 +59,16 @@ from steindiff.stein import PROBE_PRODUCTS, STEIN_VARIANTS, Coords, GammaVariant
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 #: the summary table's cells wrap between words only (gradio's markdown breaks words anywhere: 'vanill|a'); a
 #: run's images and figures start below their floating labels, which covered the grid's top-left sample and the
-#: first panel's title; the download box holds one file, and empty it would stand 236 px tall under the Run button
+#: first panel's title; the download box holds one file, and empty it would stand 236 px tall under the Run button.
+#: On a phone the table (700 px) scrolls sideways instead of being cut off, and the figures' titles (16 px, the
+#: longest 261 px over a 2-column grid) shrink with the window so that none runs into its neighbour
 CSS = (
     "#summary :is(td, th) { overflow-wrap: normal; word-break: normal; }"
     " :is(.run-image .image-container, .run-plot .js-plotly-plot) { padding-top: 2.25rem; box-sizing: border-box; }"
     " #download .empty { min-height: 5rem; }"
+    " @media (max-width: 760px) { #summary table { display: block; overflow-x: auto; border: none; } }"
+    " @media (max-width: 680px) {"
+    " .run-plot :is(.annotation-text, .gtitle) { font-size: clamp(8px, 2.3vw, 16px) !important; } }"
 )
 #: what the progress line says while a run is outside its steps (before the first, after the last)
 PHASE_TEXT: dict[Phase, str] = {

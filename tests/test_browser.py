@@ -126,11 +126,17 @@ def _disjoint(a: list[float], b: list[float]) -> bool:
 
 
 def _assert_readable(page) -> None:
-    """The summary table's columns all show; each figure's titles lie whole below its label, none over another."""
+    """The summary table's columns all show (on a narrow page, scrolled to its end); each figure's titles lie
+    whole below its label, none over another."""
     fit = page.evaluate(
         """() => ({
-            table: document.querySelector('#summary table').scrollWidth,
-            column: document.querySelector('#summary').clientWidth,
+            table: (() => {
+                const table = document.querySelector('#summary table');
+                table.scrollLeft = table.scrollWidth;
+                const column = document.querySelector('#summary').getBoundingClientRect();
+                const last = table.querySelector('th:last-child').getBoundingClientRect();
+                return [column.left, last.left, last.right, column.right];
+            })(),
             plots: Array.from(document.querySelectorAll('.run-plot')).filter(view => view.offsetParent).map(view => ({
                 label: view.querySelector('[data-testid=block-label]').getBoundingClientRect().bottom,
                 width: [view.getBoundingClientRect().left, view.getBoundingClientRect().right],
@@ -141,7 +147,8 @@ def _assert_readable(page) -> None:
             })),
         })"""
     )
-    assert fit["table"] <= fit["column"], fit  # the summary's columns all show
+    left, last_left, last_right, right = fit["table"]
+    assert left <= last_left and last_right <= right + 1, fit  # the summary's last column can be seen
     assert len(fit["plots"]) == 2 and all(len(plot["titles"]) >= 3 for plot in fit["plots"]), fit
     for plot in fit["plots"]:  # the particles and the diagnostics: each title whole and readable
         assert min(box[1] for box in plot["titles"]) >= plot["label"], plot
@@ -164,6 +171,12 @@ def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber
     page.set_viewport_size({"width": 900, "height": 1700})  # narrower still: the figures redraw at the new width
     page.wait_for_function(
         "[...document.querySelectorAll('.run-plot .main-svg')].every(s => s.getBoundingClientRect().width < 880)",
+        timeout=10_000,
+    )
+    _assert_readable(page)
+    page.set_viewport_size({"width": 390, "height": 1700})  # a phone: the table scrolls, the titles shrink
+    page.wait_for_function(
+        "[...document.querySelectorAll('.run-plot .main-svg')].every(s => s.getBoundingClientRect().width < 380)",
         timeout=10_000,
     )
     _assert_readable(page)
