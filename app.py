@@ -61,9 +61,13 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], fon
 #: run's images and figures start below their floating labels, which covered the grid's top-left sample and the
 #: first panel's title; the download box holds one file, and empty it would stand 236 px tall under the Run button.
 #: On a phone the table (700 px) scrolls sideways instead of being cut off, and the figures' titles (16 px, the
-#: longest 261 px over a 2-column grid) shrink with the window so that none runs into its neighbour
+#: longest 261 px over a 2-column grid) shrink with the window so that none runs into its neighbour. The Run
+#: button stays in sight at the window's foot while the form is (the form is taller than a laptop's window);
+#: gradio's container clips without being a scroll box, which would hold the button in place
 CSS = (
-    "#summary :is(td, th) { overflow-wrap: normal; word-break: normal; }"
+    ".gradio-container { overflow: clip !important; }"
+    " #run { position: sticky; bottom: 0.5rem; z-index: 10; box-shadow: 0 2px 8px rgb(0 0 0 / 0.25); }"
+    " #summary :is(td, th) { overflow-wrap: normal; word-break: normal; }"
     " :is(.run-image .image-container, .run-plot .js-plotly-plot) { padding-top: 2.25rem; box-sizing: border-box; }"
     " #download .empty { min-height: 5rem; }"
     " @media (max-width: 760px) { #summary table { display: block; overflow-x: auto; border: none; } }"
@@ -438,7 +442,7 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                     variant = gr.Radio(CHOICES["variant"], value=initial["variant"], label="gamma from")
                 lipschitz = gr.Checkbox(initial["lipschitz"], label="local Lipschitz estimates")
                 reference = gr.Checkbox(initial["reference"], label="error to the reference solution")
-                run_button = gr.Button("Run", variant="primary")
+                run_button = gr.Button("Run", variant="primary", elem_id="run")
                 download = gr.File(label="download the run (JSON, CSV, PNG)", elem_id="download")
             with gr.Column(scale=3, min_width=760):  # the summary table needs 700 px: narrower, it goes below the form
                 summary_md = gr.Markdown("Choose settings (or a lesson preset) and press **Run**.", elem_id="summary")

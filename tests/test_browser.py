@@ -73,8 +73,12 @@ def _choose(page, label: str, option: str) -> None:
 
 def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     errors, outside = _watch(page)
+    page.set_viewport_size({"width": 1400, "height": 800})  # a laptop's window, shorter than the form
     page.goto(server + "?model=mlp-ring&seed=3")
     page.wait_for_selector("text=Lesson presets")
+    run_button = page.get_by_role("button", name="Run", exact=True).bounding_box()
+    assert run_button["y"] >= 0 and run_button["y"] + run_button["height"] <= 800, run_button  # Run in sight
+    page.set_viewport_size({"width": 1400, "height": 1700})
     sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mlp-ring")  # state from the URL
     sync_api.expect(page.get_by_label("seed", exact=True)).to_have_value("3")
     batch = page.get_by_label("batch (2-D: up to 4096 particles; images: up to 256)", exact=True)
