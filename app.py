@@ -62,8 +62,9 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], fon
 #: first panel's title; the download box holds one file, and empty it would stand 236 px tall under the Run button.
 #: On a phone the table (700 px) scrolls sideways instead of being cut off, and the figures' titles (16 px, the
 #: longest 261 px over a 2-column grid) shrink with the window so that none runs into its neighbour. The Run
-#: button stays in sight at the window's foot while the form is (the form is taller than a laptop's window);
-#: gradio's container clips without being a scroll box, which would hold the button in place
+#: button stays in sight at the window's foot while the form is (the form is taller than a laptop's window):
+#: gradio's container clips with overflow: hidden, which makes it a scroll box and keeps a sticky button at
+#: the page's end; overflow: clip clips the same without
 CSS = (
     ".gradio-container { overflow: clip !important; }"
     " #run { position: sticky; bottom: 0.5rem; z-index: 10; box-shadow: 0 2px 8px rgb(0 0 0 / 0.25); }"
