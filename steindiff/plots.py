@@ -499,8 +499,8 @@ def _corrected_step(result: ExperimentResult) -> str | None:
 
 
 def _moves(moved: int, ruled: int, applied: list[float]) -> str:
-    """'3 of 5 steps (0.27 .. 1.04)': the steps whose applied gamma left 1, and the range it went to (one
-    value where it went to one; 1.002, not 1, where it moved by less than 3 digits show)."""
+    """'3 of 5 steps (0.27 .. 1.04)': the steps whose applied gamma left 1, and the range it went to (a single
+    value where both ends read the same), each end with the digits that tell it from 1: 1.002, not 1."""
     if not applied:
         return f"{moved} of {ruled} steps"
     ends = dict.fromkeys([_off_one(min(applied)), _off_one(max(applied))])
