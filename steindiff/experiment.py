@@ -43,6 +43,10 @@ class Limits:
     max_probes: int = 256
     max_lipschitz_samples: int = 4096
 
+    def batch_limit(self, kind: str) -> int:
+        """The largest batch of a model of ``kind`` ('image' or '2d')."""
+        return self.max_image_batch if kind == "image" else self.max_batch
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -75,8 +79,7 @@ class Experiment:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         _check_int("nfe", self.nfe, 1, limits.max_nfe)
-        image = models.kind(self.model) == "image"
-        _check_int("batch", self.batch, 1, limits.max_image_batch if image else limits.max_batch)
+        _check_int("batch", self.batch, 1, limits.batch_limit(models.kind(self.model)))
         _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.stein is not None:
             _check_int("probes", self.stein.probes, 1, limits.max_probes)

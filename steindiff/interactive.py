@@ -71,9 +71,8 @@ def batch_for_model(catalog: ModelCatalog, model: str, batch: float | None) -> f
     if not catalog.accepts(model):
         return batch
     kind = catalog.kind(model)
-    limit = LIMITS.max_image_batch if kind == "image" else LIMITS.max_batch
     others = {value for other, value in DEFAULT_BATCH.items() if other != kind}
-    if batch is None or batch in others or not 1 <= batch <= limit:
+    if batch is None or batch in others or not 1 <= batch <= LIMITS.batch_limit(kind):
         return DEFAULT_BATCH[kind]
     return batch
 

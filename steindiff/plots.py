@@ -20,7 +20,7 @@ from .images import image_grid
 from .records import RunResult
 from .solvers import SOLVERS, get_solver
 
-__all__ = ["diagnostics_figure", "image_views", "particles_figure", "steps_csv", "summary_markdown"]
+__all__ = ["diagnostics_figure", "image_views", "particles_csv", "particles_figure", "steps_csv", "summary_markdown"]
 
 COLORS = {"vanilla": "#1f77b4", "stein": "#d62728"}
 LOG_FLOOR = 1e-4
