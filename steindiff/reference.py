@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -34,6 +34,7 @@ __all__ = [
     "FlowSolution",
     "LatticeMethod",
     "flow_map",
+    "flow_maps",
     "reference_trajectory",
     "solve_flow",
     "solve_for_grid",
@@ -95,11 +96,6 @@ def _walk_multistep(
     return states, denoised
 
 
-def _rk4_log_sigma(denoise: DenoiseFn, x: torch.Tensor, sigma_from: float, sigma_to: float, max_log_step: float):
-    """RK4 from ``sigma_from`` to ``sigma_to`` on :func:`_log_lattice`."""
-    return _walk(denoise, x, _log_lattice(sigma_from, sigma_to, max_log_step))[-1]
-
-
 def flow_map(
     denoise: DenoiseFn,
     x: torch.Tensor,
@@ -108,12 +104,58 @@ def flow_map(
     max_log_step: float = 0.025,
     floor_ratio: float = 0.01,
 ) -> torch.Tensor:
-    """The ODE flow from ``sigma_from`` to ``sigma_to`` (which may be 0) applied to ``x``."""
-    if sigma_to > 0:
-        return _rk4_log_sigma(denoise, x, sigma_from, sigma_to, max_log_step)
-    floor = sigma_from * floor_ratio
-    x = _rk4_log_sigma(denoise, x, sigma_from, floor, max_log_step)
-    return denoise(x, torch.tensor(floor, dtype=x.dtype, device=x.device))
+    """The ODE flow from ``sigma_from`` to ``sigma_to`` (which may be 0) applied to ``x``: RK4 on
+    :func:`_log_lattice`, into sigma = 0 down to ``floor_ratio`` times ``sigma_from``, then one denoising step."""
+    return flow_maps(denoise, x, [(sigma_from, sigma_to)], [len(x)], max_log_step, floor_ratio)
+
+
+def flow_maps(
+    denoise: DenoiseFn,
+    x: torch.Tensor,
+    levels: Sequence[tuple[float, float]],
+    sizes: Sequence[int],
+    max_log_step: float = 0.025,
+    floor_ratio: float = 0.01,
+) -> torch.Tensor:
+    """:func:`flow_map` of each block of rows of ``x`` (``sizes``) between its own noise levels (``levels``,
+    one (sigma_from, sigma_to) a block), the blocks walked side by side: each takes the steps it would take
+    alone, and a round's steps make one batched network call, a noise level a row. A block whose walk has
+    ended is left out of the later rounds. Autograd sees through it, and forward-mode AD too: no threads."""
+    if len(levels) != len(sizes) or sum(sizes) != len(x):
+        raise ValueError(f"{len(levels)} blocks of noise levels for blocks of {list(sizes)} of {len(x)} rows")
+    floors = [a * floor_ratio if b == 0 else b for a, b in levels]
+    lattices = [_log_lattice(a, floor, max_log_step) for (a, _), floor in zip(levels, floors, strict=True)]
+    ends = itertools.accumulate(sizes)
+    rows = [torch.arange(end - n, end, device=x.device) for n, end in zip(sizes, ends, strict=True)]
+    for r in range(max(len(lattice) for lattice in lattices) - 1):
+        live = [i for i, lattice in enumerate(lattices) if r + 1 < len(lattice)]
+        live_sizes = [sizes[i] for i in live]
+        s = _per_row([lattices[i][r] for i in live], live_sizes, x.device)
+        ds = _per_row([lattices[i][r + 1] - lattices[i][r] for i in live], live_sizes, x.device)
+        x = _update_rows(x, [rows[i] for i in live], lambda part, s=s, ds=ds: _rk4_step(denoise, part, s, ds))
+    to_zero = [i for i, (_, b) in enumerate(levels) if b == 0]
+    if to_zero:
+        sigma = _per_row([floors[i] for i in to_zero], [sizes[i] for i in to_zero], x.device).to(x.dtype)
+        x = _update_rows(x, [rows[i] for i in to_zero], lambda part: denoise(part, sigma))
+    return x
+
+
+def _per_row(values: list[float], sizes: list[int], device: torch.device) -> torch.Tensor:
+    """Each block's value repeated for its rows (float64), or a 0-d value where the blocks share one."""
+    if len(set(values)) == 1:
+        return torch.tensor(values[0], dtype=torch.float64, device=device)
+    counts = torch.tensor(sizes, device=device)
+    return torch.tensor(values, dtype=torch.float64, device=device).repeat_interleave(counts)
+
+
+def _update_rows(
+    x: torch.Tensor, blocks: list[torch.Tensor], update: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``x`` with the rows of ``blocks`` (index tensors) replaced by ``update`` of them, out of place."""
+    if sum(len(block) for block in blocks) == len(x):
+        return update(x)
+    index = torch.cat(blocks)
+    return x.index_copy(0, index, update(x[index]))
 
 
 @dataclass

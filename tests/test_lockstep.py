@@ -6,10 +6,12 @@ import threading
 
 import pytest
 import torch
+from torch.autograd.functional import jacobian
 
 from steindiff import DiagnosticsConfig, SteinConfig, compare, get_solver, initial_noise, load_model, make_sigmas
 from steindiff.compute_thread import on_compute_thread
 from steindiff.lockstep import lockstep
+from steindiff.reference import flow_map
 from steindiff.solvers import SolverOptions
 from steindiff.step_lipschitz import MapAtStep, measure_lipschitz
 
@@ -122,6 +124,30 @@ def test_lipschitz_estimates_do_not_depend_on_how_the_maps_are_grouped(mode, pro
                 assert b == pytest.approx(a, rel=1e-6), (alone.step, name)
     assert results[1].vanilla.trace[0].lipschitz_denoiser_max > 0
     assert all(r.diagnostics_time_s > 0 for r in results[1].vanilla.trace)
+
+
+def test_the_exact_flows_constants_are_their_jacobians_norms_however_the_flows_are_grouped():
+    """The exact flows (gmm-ring) are walked side by side in one group, or each alone: the same constants,
+    the spectral norms of each flow's Jacobian at the run's states, taken by autograd sample by sample."""
+    model = load_model("gmm-ring")
+    sigmas = make_sigmas("karras", 4, model.sigma_min, model.sigma_max)
+    x = initial_noise(6, model.event_shape, float(sigmas[0]), seed=2, dtype=torch.float64)
+    diagnostics = DiagnosticsConfig(lipschitz_samples=3, flow_log_step=0.25, reference=False)  # the app's step
+    stein = SteinConfig(probes=1, gamma_max=1.0)
+    results = [
+        compare(model, x, sigmas, "dpmpp_2m", stein, diagnostics=dataclasses.replace(diagnostics, lipschitz_batch=size))
+        for size in (1, 64)
+    ]
+    grid = results[1].sigmas
+    for alone, together in ((results[0].vanilla, results[1].vanilla), (results[0].stein, results[1].stein)):
+        for k, (record_alone, record) in enumerate(zip(alone.trace, together.trace, strict=True)):
+            assert record.lipschitz_flow_max == pytest.approx(record_alone.lipschitz_flow_max, rel=1e-9)
+
+            def flow(z, k=k):
+                return flow_map(model, z[None], grid[k], grid[k + 1], max_log_step=diagnostics.flow_log_step)[0]
+
+            norms = [torch.linalg.matrix_norm(jacobian(flow, z), ord=2) for z in together.states[k][:3]]
+            assert record.lipschitz_flow_max == pytest.approx(float(max(norms)), rel=1e-9), k
 
 
 def test_the_denoiser_is_estimated_along_a_step_whose_one_call_is_at_its_input():

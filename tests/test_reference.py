@@ -7,7 +7,7 @@ import torch
 from steindiff import initial_noise, load_model
 from steindiff.denoisers import CountingDenoiser
 from steindiff.records import DiagnosticsConfig
-from steindiff.reference import KEPT_GRIDS, OFF_LATTICE_ELEMENTS, flow_map, solve_flow, solve_for_grid
+from steindiff.reference import KEPT_GRIDS, OFF_LATTICE_ELEMENTS, flow_map, flow_maps, solve_flow, solve_for_grid
 from steindiff.schedules import make_sigmas
 
 F64 = torch.float64
@@ -122,3 +122,24 @@ def test_unknown_lattice_methods_are_refused(ring):
         solve_flow(model, x, 80.0, 0.002, 0.25, "euler")
     with pytest.raises(ValueError, match="reference_method must be one of"):
         DiagnosticsConfig(reference_method="euler")
+
+
+def test_blocks_walked_side_by_side_take_the_steps_each_takes_alone(ring):
+    """flow_maps: blocks of rows between their own noise levels (walks of 5, 2 and 19 RK4 steps, one into
+    sigma = 0) in one batched call a round, values and gradients as each block's flow_map gives them."""
+    model, _, _ = ring
+    x = initial_noise(6, model.event_shape, 1.0, seed=5, dtype=F64).requires_grad_(True)
+    levels, sizes = [(80.0, 24.0), (0.9, 0.6), (0.002, 0.0)], [2, 3, 1]
+    counting = CountingDenoiser(model)
+    together = flow_maps(counting, x, levels, sizes, max_log_step=0.25)
+    assert counting.nfe == 19 * 4 + 1  # the longest walk's rounds, then the denoising step into sigma = 0
+    alone = torch.cat(
+        [flow_map(model, part, a, b, max_log_step=0.25) for part, (a, b) in zip(x.split(sizes), levels, strict=True)]
+    )
+    assert torch.allclose(together, alone, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(together.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+    (grad_together,) = torch.autograd.grad((together * weights).sum(), x)
+    (grad_alone,) = torch.autograd.grad((alone * weights).sum(), x)
+    assert torch.allclose(grad_together, grad_alone, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="blocks"):
+        flow_maps(model, x, levels, [2, 3])
