@@ -119,8 +119,9 @@ def flow_maps(
 ) -> torch.Tensor:
     """:func:`flow_map` of each block of rows of ``x`` (``sizes``) between its own noise levels (``levels``,
     one (sigma_from, sigma_to) a block), the blocks walked side by side: each takes the steps it would take
-    alone, and a round's steps make one batched network call, a noise level a row. A block whose walk has
-    ended is left out of the later rounds. Autograd sees through it, and forward-mode AD too: no threads."""
+    alone, and each RK4 stage of a round is one batched network call, a noise level a row. A block whose
+    walk has ended is left out of the later rounds. Autograd sees through it, forward-mode AD too (no
+    threads)."""
     if len(levels) != len(sizes) or sum(sizes) != len(x):
         raise ValueError(f"{len(levels)} blocks of noise levels for blocks of {list(sizes)} of {len(x)} rows")
     floors = [a * floor_ratio if b == 0 else b for a, b in levels]

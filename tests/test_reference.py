@@ -126,7 +126,7 @@ def test_unknown_lattice_methods_are_refused(ring):
 
 def test_blocks_walked_side_by_side_take_the_steps_each_takes_alone(ring):
     """flow_maps: blocks of rows between their own noise levels (walks of 5, 2 and 19 RK4 steps, one into
-    sigma = 0) in one batched call a round, values and gradients as each block's flow_map gives them."""
+    sigma = 0) in one batched call an RK4 stage, with the values and gradients each block's flow_map gives."""
     model, _, _ = ring
     x = initial_noise(6, model.event_shape, 1.0, seed=5, dtype=F64).requires_grad_(True)
     levels, sizes = [(80.0, 24.0), (0.9, 0.6), (0.002, 0.0)], [2, 3, 1]
