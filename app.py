@@ -26,12 +26,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr
 
-from steindiff.compute_thread import on_compute_thread
-from steindiff.denoisers import DEFAULT_IMAGE_MODEL, WeightsError
-from steindiff.denoisers.hub import DIFFUSERS_PREFIX
-from steindiff.experiment import ExperimentResult, ModelCatalog, run_experiment
-from steindiff.images import save_png, side_by_side
-from steindiff.interactive import (
+from steindiff.app.compute_thread import on_compute_thread
+from steindiff.app.plots import (
+    diagnostics_figure,
+    image_views,
+    particles_csv,
+    particles_figure,
+    steps_csv,
+    summary_markdown,
+)
+from steindiff.app.settings import (
     CUSTOM_RULE,
     DEFAULT_RULE,
     LIMITS,
@@ -42,18 +46,14 @@ from steindiff.interactive import (
     model_device,
     warm_up,
 )
-from steindiff.plots import (
-    diagnostics_figure,
-    image_views,
-    particles_csv,
-    particles_figure,
-    steps_csv,
-    summary_markdown,
-)
+from steindiff.correction.rule import PROBE_PRODUCTS, STEIN_VARIANTS, Coords, GammaVariant, ProbeKind
+from steindiff.denoisers import DEFAULT_IMAGE_MODEL, WeightsError
+from steindiff.denoisers.hub import DIFFUSERS_PREFIX
+from steindiff.experiment import ExperimentResult, ModelCatalog, run_experiment
+from steindiff.images import save_png, side_by_side
 from steindiff.sampling import Phase
 from steindiff.schedules import SCHEDULES
 from steindiff.solvers import SOLVERS, get_solver
-from steindiff.stein import PROBE_PRODUCTS, STEIN_VARIANTS, Coords, GammaVariant, ProbeKind
 
 #: system fonts only: the default theme would fetch web fonts from outside the machine
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])

@@ -3,7 +3,7 @@
     python benchmarks/app_compute.py [--device cuda|cpu] [--repeats 5]
 
 For machines without gradio (the lent GPU machines): the cases and settings of app_roundtrip.py, through
-the same ``steindiff.interactive.build_experiment``, timed around ``run_experiment``. The round trip adds
+the same ``steindiff.app.settings.build_experiment``, timed around ``run_experiment``. The round trip adds
 the figures, the images and the HTTP exchange; app_roundtrip.py measures all of it where gradio runs.
 Each model runs where the app runs it (``model_device``: a 2-D model on the CPU) unless --device is given.
 Torch's default threads (as the app has) unless OMP_NUM_THREADS is set.
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from steindiff.app.settings import LIMITS, SETTINGS, build_experiment
 from steindiff.experiment import ModelCatalog, run_experiment
-from steindiff.interactive import LIMITS, SETTINGS, build_experiment
 
 BASE = {**dict(SETTINGS), "solver": "dpmpp_2m", "schedule": "karras", "nfe": 5, "seed": 0}
 CASES = {

@@ -29,10 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from steindiff.bench import VARIANTS, BenchConfig, CellResult, stein_config  # noqa: E402
-from steindiff.bench_report import headline, verdicts, write_outputs  # noqa: E402
+from steindiff.bench.report import headline, verdicts, write_outputs  # noqa: E402
+from steindiff.bench.sweep import VARIANTS, BenchConfig, CellResult, stein_config  # noqa: E402
+from steindiff.correction.rule import SteinConfig  # noqa: E402
 from steindiff.solvers import get_solver  # noqa: E402
-from steindiff.stein import SteinConfig  # noqa: E402
 
 DEFAULT_MODELS = "mnist,mlp-ring,mlp-aniso,mlp-moons"
 FULL = {

@@ -1,13 +1,13 @@
 """steindiff: few-step diffusion ODE sampling, the contractivity trap, and the Stein correction."""
 
-from .denoisers import MODELS, Denoiser, load_model
-from .noise import initial_noise
-from .records import Comparison, DiagnosticsConfig, RunResult, StepRecord
-from .reference import reference_trajectory
-from .sampling import compare, sample
-from .schedules import SCHEDULES, make_sigmas
-from .solvers import SOLVERS, SolverOptions, get_solver
-from .stein import SteinConfig
+from steindiff.correction.rule import SteinConfig
+from steindiff.denoisers import MODELS, Denoiser, load_model
+from steindiff.diagnostics.reference import reference_trajectory
+from steindiff.noise import initial_noise
+from steindiff.records import Comparison, DiagnosticsConfig, RunResult, StepRecord
+from steindiff.sampling import compare, sample
+from steindiff.schedules import SCHEDULES, make_sigmas
+from steindiff.solvers import SOLVERS, SolverOptions, get_solver
 
 __all__ = [
     "MODELS",

@@ -16,22 +16,14 @@ from typing import NoReturn, get_args
 import torch
 from tqdm import tqdm
 
-from . import distributed
-from .bench import VARIANTS, BenchConfig, run_bench
-from .bench_report import write_outputs
-from .cost import cost_cases, measure_cost
-from .cost import markdown_table as cost_table
-from .denoisers import MODELS
-from .denoisers.hub import DIFFUSERS_PREFIX
-from .diagnostics import JacobianMode
-from .experiment import Experiment, Limits, ModelCatalog, check_device, run_experiment
-from .images import image_grid, save_png, side_by_side
-from .metrics import train_classifier
-from .quality import quality_metric
-from .records import DiagnosticsConfig
-from .schedules import SCHEDULES
-from .solvers import SOLVERS, SolverOptions
-from .stein import (
+from steindiff import distributed
+from steindiff.bench.cost import cost_cases, measure_cost
+from steindiff.bench.cost import markdown_table as cost_table
+from steindiff.bench.metrics import train_classifier
+from steindiff.bench.quality import quality_metric
+from steindiff.bench.report import write_outputs
+from steindiff.bench.sweep import VARIANTS, BenchConfig, run_bench
+from steindiff.correction.rule import (
     CUSTOM_VARIANT,
     DEFAULT_VARIANT,
     PROBE_PRODUCTS,
@@ -42,7 +34,15 @@ from .stein import (
     SteinConfig,
     variant_settings,
 )
-from .train import TrainConfig, train
+from steindiff.denoisers import MODELS
+from steindiff.denoisers.hub import DIFFUSERS_PREFIX
+from steindiff.diagnostics.jacobians import JacobianMode
+from steindiff.experiment import Experiment, Limits, ModelCatalog, check_device, run_experiment
+from steindiff.images import image_grid, save_png, side_by_side
+from steindiff.records import DiagnosticsConfig
+from steindiff.schedules import SCHEDULES
+from steindiff.solvers import SOLVERS, SolverOptions
+from steindiff.train import TrainConfig, train
 
 MAX_NFE = Limits.max_nfe
 PRODUCTS_HELP = "each probe by a VJP (the paper), all K VJPs in one backward, or a forward difference"

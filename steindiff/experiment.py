@@ -10,16 +10,16 @@ from typing import Any
 
 import torch
 
-from .denoisers import MODELS, Denoiser, load_denoiser, load_model, prepare_for_device
-from .denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
-from .metrics import DIGIT_SHAPE, load_classifier, score_digits
-from .noise import initial_noise
-from .records import Comparison, DiagnosticsConfig, StepRecord
-from .reference import FlowSolution
-from .sampling import Phase, compare, takes_functorch
-from .schedules import SCHEDULES, make_sigmas
-from .solvers import SOLVERS, SolverOptions, get_solver
-from .stein import SteinConfig
+from steindiff.bench.metrics import DIGIT_SHAPE, load_classifier, score_digits
+from steindiff.correction.rule import SteinConfig
+from steindiff.denoisers import MODELS, Denoiser, load_denoiser, load_model, prepare_for_device
+from steindiff.denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
+from steindiff.diagnostics.reference import FlowSolution
+from steindiff.noise import initial_noise
+from steindiff.records import Comparison, DiagnosticsConfig, StepRecord
+from steindiff.sampling import Phase, compare, takes_functorch
+from steindiff.schedules import SCHEDULES, make_sigmas
+from steindiff.solvers import SOLVERS, SolverOptions, get_solver
 
 __all__ = [
     "Experiment",

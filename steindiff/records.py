@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .diagnostics import JacobianMode
-from .reference import LATTICE_METHODS, FlowSolution, LatticeMethod
+from steindiff.diagnostics.jacobians import JacobianMode
+from steindiff.diagnostics.reference import LATTICE_METHODS, FlowSolution, LatticeMethod
 
 __all__ = ["Comparison", "DiagnosticsConfig", "RunResult", "StepRecord"]
 
@@ -26,7 +26,7 @@ class DiagnosticsConfig:
     flow_lipschitz: also that of the exact ODE flow between the same noise levels (exact models only).
     reference: error of every state to the reference ODE solution from the same noise, on the first
         ``reference_samples`` samples (all when None), integrated by ``reference_method`` ("rk4", or
-        "dpmpp_3m": one network call a step instead of four, third order; ``steindiff.reference``).
+        "dpmpp_3m": one network call a step instead of four, third order; ``steindiff.diagnostics.reference``).
         ``reference_log_step`` is its step in log sigma; None picks 0.025 for exact models (exact to
         ~1e-7) and 0.1 for trained networks. The segment into sigma = 0 is integrated down to
         ``reference_floor_ratio`` times the last positive sigma and finished by a denoising step; 1

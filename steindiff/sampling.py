@@ -10,14 +10,8 @@ from typing import Literal
 
 import torch
 
-from .denoisers.base import CountingDenoiser, DenoiseFn, Denoiser
-from .diagnostics import JacobianMode, mean_distance
-from .finite_difference import fd_step
-from .noise import PROBE_STREAM, stream_generator
-from .records import Comparison, DiagnosticsConfig, RunResult, StepRecord
-from .reference import FlowSolution, solve_for_grid
-from .solvers import SolverOptions, SolverSpec, StepResult, get_solver, with_lookahead
-from .stein import (
+from steindiff.correction.finite_difference import fd_step
+from steindiff.correction.rule import (
     DivergenceEstimate,
     SteinConfig,
     SteinStats,
@@ -27,7 +21,13 @@ from .stein import (
     stein_update,
     vjp_products,
 )
-from .step_lipschitz import MapAtStep, measure_lipschitz
+from steindiff.denoisers.base import CountingDenoiser, DenoiseFn, Denoiser
+from steindiff.diagnostics.jacobians import JacobianMode, mean_distance
+from steindiff.diagnostics.reference import FlowSolution, solve_for_grid
+from steindiff.diagnostics.step_lipschitz import MapAtStep, measure_lipschitz
+from steindiff.noise import PROBE_STREAM, stream_generator
+from steindiff.records import Comparison, DiagnosticsConfig, RunResult, StepRecord
+from steindiff.solvers import SolverOptions, SolverSpec, StepResult, get_solver, with_lookahead
 
 __all__ = ["Phase", "compare", "sample", "takes_functorch"]
 

@@ -18,7 +18,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .denoisers.base import DenoiseFn
+from steindiff.denoisers.base import DenoiseFn
 
 __all__ = [
     "SOLVERS",

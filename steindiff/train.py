@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .denoisers.empirical import load_mnist
-from .denoisers.gmm import GMM_PRESETS, gmm_preset
-from .denoisers.networks import MLP, MLPConfig, PreconditionedDenoiser, UNet, UNetConfig
-from .denoisers.weights import save_denoiser
+from steindiff.denoisers.empirical import load_mnist
+from steindiff.denoisers.gmm import GMM_PRESETS, gmm_preset
+from steindiff.denoisers.networks import MLP, MLPConfig, PreconditionedDenoiser, UNet, UNetConfig
+from steindiff.denoisers.weights import save_denoiser
 
 __all__ = ["TrainConfig", "build_trainee", "train"]
 

@@ -18,8 +18,8 @@ from gradio_client.utils import StatusUpdate
 
 import app
 from steindiff import interactive
+from steindiff.app.plots import _log_ticks, diagnostics_figure, particles_figure, summary_markdown
 from steindiff.experiment import ModelCatalog, run_experiment
-from steindiff.plots import _log_ticks, diagnostics_figure, particles_figure, summary_markdown
 
 GOOD = {**dict(app.SETTINGS), "model": "gmm-ring", "batch": 64, "gamma_max": 1.0, "literal": True, "rule": "custom"}
 

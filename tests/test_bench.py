@@ -14,16 +14,16 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from steindiff.bench import BenchConfig, run_bench, summarise
-from steindiff.bench_report import markdown_table, metric_figure, verdicts, write_outputs
+from steindiff.bench.cost import cost_cases, measure_cost
+from steindiff.bench.distributed import Shard
+from steindiff.bench.metrics import load_classifier, score_digits
+from steindiff.bench.quality import DigitQuality, PointQuality, quality_metric, sliced_wasserstein
+from steindiff.bench.report import markdown_table, metric_figure, verdicts, write_outputs
+from steindiff.bench.sweep import BenchConfig, run_bench, summarise
 from steindiff.cli import main
-from steindiff.cost import cost_cases, measure_cost
+from steindiff.correction.rule import divergence
 from steindiff.denoisers import load_model
-from steindiff.distributed import Shard
-from steindiff.metrics import load_classifier, score_digits
 from steindiff.noise import initial_noise
-from steindiff.quality import DigitQuality, PointQuality, quality_metric, sliced_wasserstein
-from steindiff.stein import divergence
 
 ALONE = Shard(0, 1, "cpu")
 ROOT = Path(__file__).resolve().parent.parent

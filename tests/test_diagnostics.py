@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from steindiff import get_solver, initial_noise, load_model, make_sigmas, sample
-from steindiff.diagnostics import jacobian_norms, jacobian_rows, lipschitz_bound, local_lipschitz
-from steindiff.reference import reference_trajectory
+from steindiff.diagnostics.jacobians import jacobian_norms, jacobian_rows, lipschitz_bound, local_lipschitz
+from steindiff.diagnostics.reference import reference_trajectory
 from steindiff.solvers import SolverOptions
 
 F64 = torch.float64

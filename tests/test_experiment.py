@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from steindiff import initial_noise, load_model
+from steindiff.app.plots import _moves, summary_markdown
+from steindiff.correction.rule import SteinConfig
 from steindiff.denoisers import prepare_for_device
 from steindiff.experiment import Experiment, ModelCatalog, run_experiment
-from steindiff.plots import _moves, summary_markdown
 from steindiff.records import DiagnosticsConfig
-from steindiff.stein import SteinConfig
 
 
 def test_image_runs_are_channels_last_on_the_cpu_unless_they_need_functorch():

@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 from steindiff import load_model, sample  # noqa: E402
 from steindiff.denoisers import WeightsError  # noqa: E402
 from steindiff.denoisers.hub import HubDenoiser, load_diffusers  # noqa: E402
-from steindiff.diagnostics import jacobian_rows, local_lipschitz  # noqa: E402
+from steindiff.diagnostics.jacobians import jacobian_rows, local_lipschitz  # noqa: E402
 from steindiff.experiment import Experiment, ModelCatalog  # noqa: E402
 from steindiff.records import DiagnosticsConfig  # noqa: E402
 

@@ -9,11 +9,11 @@ import torch
 from torch.autograd.functional import jacobian
 
 from steindiff import DiagnosticsConfig, SteinConfig, compare, get_solver, initial_noise, load_model, make_sigmas
-from steindiff.compute_thread import on_compute_thread
-from steindiff.lockstep import lockstep
-from steindiff.reference import flow_map
+from steindiff.app.compute_thread import on_compute_thread
+from steindiff.diagnostics.lockstep import lockstep
+from steindiff.diagnostics.reference import flow_map
+from steindiff.diagnostics.step_lipschitz import MapAtStep, measure_lipschitz
 from steindiff.solvers import SolverOptions
-from steindiff.step_lipschitz import MapAtStep, measure_lipschitz
 
 
 class _CountingCalls(torch.nn.Module):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from steindiff.bench.metrics import frechet_distance, load_classifier, score_digits, split_indices
 from steindiff.denoisers.empirical import load_mnist
-from steindiff.metrics import frechet_distance, load_classifier, score_digits, split_indices
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,15 @@ import torch
 
 from steindiff import initial_noise, load_model
 from steindiff.denoisers import CountingDenoiser
+from steindiff.diagnostics.reference import (
+    KEPT_GRIDS,
+    OFF_LATTICE_ELEMENTS,
+    flow_map,
+    flow_maps,
+    solve_flow,
+    solve_for_grid,
+)
 from steindiff.records import DiagnosticsConfig
-from steindiff.reference import KEPT_GRIDS, OFF_LATTICE_ELEMENTS, flow_map, flow_maps, solve_flow, solve_for_grid
 from steindiff.schedules import make_sigmas
 
 F64 = torch.float64

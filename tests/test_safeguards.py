@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from steindiff import SteinConfig, initial_noise, load_model, make_sigmas, sample
-from steindiff.bench import stein_config
+from steindiff.bench.sweep import stein_config
+from steindiff.correction.rule import STEIN_VARIANTS, DivergenceEstimate, noise_level_gamma, stein_update
 from steindiff.solvers import SolverOptions, get_solver, with_lookahead
-from steindiff.stein import STEIN_VARIANTS, DivergenceEstimate, noise_level_gamma, stein_update
 
 F64 = torch.float64
 DIM, SIGMA, SIGMA_NEXT = 4, 2.0, 1.0

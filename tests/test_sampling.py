@@ -16,7 +16,7 @@ from steindiff import (
     sample,
     sampling,
 )
-from steindiff.diagnostics import jacobian_rows
+from steindiff.diagnostics.jacobians import jacobian_rows
 from steindiff.solvers import SolverOptions, get_solver
 
 REQUIRED = {"sigma", "sigma_next", "gamma_raw", "gamma", "s_xu", "s_uu", "s_div", "lipschitz_max", "err_ref", "nfe"}

@@ -5,7 +5,7 @@ import torch
 
 from steindiff import SolverOptions, get_solver, initial_noise, load_model, sample
 from steindiff.denoisers import CountingDenoiser
-from steindiff.reference import reference_trajectory
+from steindiff.diagnostics.reference import reference_trajectory
 from steindiff.schedules import make_sigmas
 
 EXPECTED_ORDER = {"ddim": 1, "dpmpp_2m": 2, "unipc": 3, "heun": 2}

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from steindiff import SteinConfig, get_solver, initial_noise, load_model, make_sigmas, sample
-from steindiff.finite_difference import fd_step
+from steindiff.correction.finite_difference import fd_step
+from steindiff.correction.rule import STEIN_VARIANTS, divergence, stein_update, vp_alpha
 from steindiff.solvers import SolverOptions
-from steindiff.stein import STEIN_VARIANTS, divergence, stein_update, vp_alpha
 
 F64 = torch.float64
 

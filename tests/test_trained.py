@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from steindiff import get_solver, initial_noise, load_model, make_sigmas, sample
+from steindiff.bench.metrics import score_digits
 from steindiff.denoisers import ASSETS, MODELS, PreconditionedDenoiser, WeightsError, load_denoiser, save_denoiser
 from steindiff.denoisers.empirical import load_mnist
 from steindiff.denoisers.networks import MLP, MLPConfig, UNet, UNetConfig
-from steindiff.diagnostics import local_lipschitz
-from steindiff.metrics import score_digits
+from steindiff.diagnostics.jacobians import local_lipschitz
 
 TRAINED_2D = [name for name, info in MODELS.items() if name.startswith("mlp-")]
 

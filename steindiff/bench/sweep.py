@@ -9,7 +9,7 @@ correction (variant "batch") uses the block as its batch: the batch size is part
 and changing it changes the Stein samples (never the vanilla ones).
 
 err_ref is the mean distance of the final samples to the RK4 reference solution of the probability
-flow ODE from the same noise (:mod:`steindiff.reference`), on the first ``reference_samples`` samples
+flow ODE from the same noise (:mod:`steindiff.diagnostics.reference`), on the first ``reference_samples`` samples
 of each seed. It is computed once per seed and shared by every cell.
 """
 
@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
-from .denoisers import Denoiser, prepare_for_device
-from .distributed import Shard, gather
-from .noise import derived_seeds, initial_noise
-from .quality import QualityMetric
-from .records import DiagnosticsConfig, RunResult
-from .reference import flow_map
-from .sampling import sample, takes_functorch
-from .schedules import SCHEDULES, make_sigmas
-from .solvers import get_solver
-from .stein import STEIN_VARIANTS, ProbeProducts, SteinConfig
+from steindiff.bench.distributed import Shard, gather
+from steindiff.bench.quality import QualityMetric
+from steindiff.correction.rule import STEIN_VARIANTS, ProbeProducts, SteinConfig
+from steindiff.denoisers import Denoiser, prepare_for_device
+from steindiff.diagnostics.reference import flow_map
+from steindiff.noise import derived_seeds, initial_noise
+from steindiff.records import DiagnosticsConfig, RunResult
+from steindiff.sampling import sample, takes_functorch
+from steindiff.schedules import SCHEDULES, make_sigmas
+from steindiff.solvers import get_solver
 
 __all__ = ["VARIANTS", "BenchConfig", "CellResult", "as_records", "run_bench", "stein_config", "summarise"]
 

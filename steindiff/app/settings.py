@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .denoisers import ASSETS, DEFAULT_IMAGE_MODEL
-from .experiment import Experiment, ExperimentResult, Limits, ModelCatalog, run_experiment
-from .records import DiagnosticsConfig
-from .stein import CUSTOM_VARIANT, DEFAULT_VARIANT, SteinConfig, variant_settings
+from steindiff.correction.rule import CUSTOM_VARIANT, DEFAULT_VARIANT, SteinConfig, variant_settings
+from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL
+from steindiff.experiment import Experiment, ExperimentResult, Limits, ModelCatalog, run_experiment
+from steindiff.records import DiagnosticsConfig
 
 __all__ = [
     "CUSTOM_RULE",
@@ -132,7 +132,7 @@ def build_experiment(
 ) -> Experiment:
     """The settings of the form (or of the /run call) as a validated Experiment; ValueError names the problem.
 
-    ``rule`` names a correction of :data:`steindiff.stein.STEIN_VARIANTS` (its clip and safeguards), or
+    ``rule`` names a correction of :data:`steindiff.correction.rule.STEIN_VARIANTS` (its clip and safeguards), or
     "custom": the clip from ``gamma_min``, ``gamma_max`` and ``literal``, with no safeguard. ``products``
     ("vjp", "vjp-batched" or "fd") sets how the Hutchinson probes and the Lipschitz estimates take their
     Jacobian products: autograd, or forward differences (one forward a product, no backward pass).

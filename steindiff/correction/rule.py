@@ -81,7 +81,7 @@ class SteinConfig:
     products: how each probe's v^T J v is computed. "vjp": a VJP through the step (the paper's; K
         backward passes); "vjp-batched": all K VJPs in one vectorised backward (``is_grads_batched``),
         the same estimate at a different speed; "fd": a forward difference v^T (T(x + h v) - T(x)) / h
-        (:mod:`steindiff.finite_difference`), the K perturbed states evaluated in the step's own network
+        (:mod:`steindiff.correction.finite_difference`), the K perturbed states evaluated in the step's own network
         calls (one batch of (K + 1) B samples): no backward pass, no extra NFE, within 2e-4 (relative)
         of the VJP's estimate with the same probes on ``mnist``. "exact" probes need a VJP mode.
     coords: "edm" or "vp", the coordinates the convex combination is taken in.

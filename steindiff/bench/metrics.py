@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from .denoisers.empirical import load_mnist
-from .denoisers.registry import ASSETS
+from steindiff.denoisers.empirical import load_mnist
+from steindiff.denoisers.registry import ASSETS
 
 __all__ = [
     "DIGIT_SHAPE",

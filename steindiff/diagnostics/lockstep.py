@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .denoisers.base import DenoiseFn, Denoiser
+from steindiff.denoisers.base import DenoiseFn, Denoiser
 
 __all__ = ["DenoiserMap", "lockstep"]
 

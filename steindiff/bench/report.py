@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from .bench import BenchConfig, CellResult, as_records, summarise
+from steindiff.bench.sweep import BenchConfig, CellResult, as_records, summarise
 
 __all__ = ["headline", "markdown_table", "metric_figure", "verdicts", "write_outputs"]
 

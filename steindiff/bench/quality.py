@@ -4,7 +4,7 @@ A metric maps samples to a (N, F) float64 feature array, one row per sample, and
 array. Rows can be computed in any process and concatenated in seed order before scoring, so a
 sharded run scores exactly what a single process would.
 
-- Digit models (1x28x28): FD-MNIST and the classifier's confidence (see :mod:`steindiff.metrics`).
+- Digit models (1x28x28): FD-MNIST and the classifier's confidence (see :mod:`steindiff.bench.metrics`).
 - 2-D models: the sliced 2-Wasserstein distance SW2 to 20,000 exact samples of the model's mixture
   (the truth of a trained MLP is its exact counterpart): over 180 fixed directions theta_j at 1 degree
   apart, SW2^2 = mean_j W2^2(<x, theta_j>, <y, theta_j>), each 1-D W2^2 computed between the two
@@ -20,9 +20,15 @@ from typing import Protocol
 
 import torch
 
-from .denoisers import MODELS, Denoiser
-from .denoisers.gmm import GaussianMixture, gmm_preset
-from .metrics import DIGIT_SHAPE, LoadedClassifier, classify_digits, load_classifier, scores_from_features
+from steindiff.bench.metrics import (
+    DIGIT_SHAPE,
+    LoadedClassifier,
+    classify_digits,
+    load_classifier,
+    scores_from_features,
+)
+from steindiff.denoisers import MODELS, Denoiser
+from steindiff.denoisers.gmm import GaussianMixture, gmm_preset
 
 __all__ = ["DigitQuality", "PointQuality", "QualityMetric", "quality_metric", "sliced_wasserstein"]
 

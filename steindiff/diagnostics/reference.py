@@ -26,8 +26,8 @@ from typing import Literal, get_args
 
 import torch
 
-from .denoisers.base import DenoiseFn
-from .solvers import SolverOptions, dpmpp_3m_step
+from steindiff.denoisers.base import DenoiseFn
+from steindiff.solvers import SolverOptions, dpmpp_3m_step
 
 __all__ = [
     "LATTICE_METHODS",

@@ -2,9 +2,9 @@
 
 At each step the applied step map (the solver's step, or its Stein combination, with the run's history
 held fixed), the exact flow between the same noise levels (exact models), and the denoiser (for the
-paper's bound): one Krylov estimate (:func:`steindiff.diagnostics.jacobian_norms`) of their
-block-diagonal joint map, whose network calls run batched (:mod:`steindiff.lockstep`; for the exact
-flows :func:`steindiff.reference.flow_maps`). Where the step's one network call is the denoiser at the
+paper's bound): one Krylov estimate (:func:`steindiff.diagnostics.jacobians.jacobian_norms`) of their
+block-diagonal joint map, whose network calls run batched (:mod:`steindiff.diagnostics.lockstep`; for the exact
+flows :func:`steindiff.diagnostics.reference.flow_maps`). Where the step's one network call is the denoiser at the
 step's input (DDIM, DPM-Solver++), the denoiser's estimate comes from that call, on the step's Krylov
 space, instead of a map of its own.
 """
@@ -20,14 +20,14 @@ from typing import Literal
 
 import torch
 
-from .denoisers.base import DenoiseFn, Denoiser
-from .diagnostics import jacobian_norms, krylov_start, lipschitz_bound
-from .lockstep import DenoiserMap, lockstep
-from .noise import LIPSCHITZ_STREAM, stream_generator
-from .records import DiagnosticsConfig, RunResult, StepRecord
-from .reference import flow_maps
-from .solvers import SolverOptions, SolverSpec
-from .stein import combine
+from steindiff.correction.rule import combine
+from steindiff.denoisers.base import DenoiseFn, Denoiser
+from steindiff.diagnostics.jacobians import jacobian_norms, krylov_start, lipschitz_bound
+from steindiff.diagnostics.lockstep import DenoiserMap, lockstep
+from steindiff.diagnostics.reference import flow_maps
+from steindiff.noise import LIPSCHITZ_STREAM, stream_generator
+from steindiff.records import DiagnosticsConfig, RunResult, StepRecord
+from steindiff.solvers import SolverOptions, SolverSpec
 
 __all__ = ["MapAtStep", "measure_lipschitz"]
 
@@ -83,19 +83,19 @@ def measure_lipschitz(
     noise levels; and, along runs that apply the solver's own step map, the denoiser, for the paper's
     bound (not at the step into sigma = 0, where the bound is infinite). Where the solver's one network
     call is at the step's input (``SolverSpec.one_call_at_input``), the denoiser is the step map's second
-    output, its estimate on the step's Krylov space (:func:`steindiff.diagnostics.jacobian_norms`), for no
+    output, its estimate on the step's Krylov space (:func:`steindiff.diagnostics.jacobians.jacobian_norms`), for no
     network call: dT/dx = a I + b dD/dx, so the two share their leading directions where dD/dx is near
     symmetric, as a denoiser's is. On ``mnist`` (the app's 3 rounds against 20; DDIM, DPM-Solver++(2M) and
     (3M) at NFE 4-10, two seeds, 120 steps) the largest constant a step was a median 0.997 of the 20 rounds'
     (1.000 on a space of its own), within 3% at 100 steps (108), 0.82 at worst (0.90), where the step's own
     estimate was 0.83. Else the denoiser is a map of its own. These maps are independent, so one Krylov
     estimate of their block-diagonal joint map, whose network calls run as one batched call a round
-    (:func:`steindiff.lockstep.lockstep`), gives all of them, in groups of at most ``config.lipschitz_batch``
-    samples. Each map keeps its own start vectors, so the estimates do not depend on the grouping (to
-    float rounding). With forward differences, the step maps whose values the runs computed
+    (:func:`~steindiff.diagnostics.lockstep.lockstep`), gives all of them, in groups of at most
+    ``config.lipschitz_batch`` samples. Each map keeps its own start vectors, so the estimates do not
+    depend on the grouping (to float rounding). With forward differences, the step maps whose values the runs computed
     (``MapAtStep.x_next``) are grouped apart from the others: their estimates take one evaluation fewer
-    (:func:`steindiff.diagnostics.jacobian_norms`, ``outputs``). The exact flows are grouped apart too and
-    walked side by side on this thread (:func:`steindiff.reference.flow_maps`). Forward-mode AD is per
+    (:func:`steindiff.diagnostics.jacobians.jacobian_norms`, ``outputs``). The exact flows are grouped apart too and
+    walked side by side on this thread (:func:`steindiff.diagnostics.reference.flow_maps`). Forward-mode AD is per
     thread: with ``jacobian_mode`` "jvp" every map is estimated alone. A step's ``diagnostics_time_s`` is
     its maps' share (by samples) of the time of the groups they ran in.
     """

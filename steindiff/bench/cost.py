@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .denoisers import Denoiser, load_model, prepare_for_device
-from .noise import initial_noise
-from .records import DiagnosticsConfig
-from .sampling import sample, takes_functorch
-from .schedules import make_sigmas
-from .solvers import get_solver
-from .stein import STEIN_VARIANTS, SteinConfig
+from steindiff.correction.rule import STEIN_VARIANTS, SteinConfig
+from steindiff.denoisers import Denoiser, load_model, prepare_for_device
+from steindiff.noise import initial_noise
+from steindiff.records import DiagnosticsConfig
+from steindiff.sampling import sample, takes_functorch
+from steindiff.schedules import make_sigmas
+from steindiff.solvers import get_solver
 
 __all__ = ["CostCase", "CostRow", "cost_cases", "markdown_table", "measure_cost"]
 

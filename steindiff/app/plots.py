@@ -15,10 +15,10 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .experiment import ExperimentResult
-from .images import image_grid
-from .records import RunResult
-from .solvers import SOLVERS, get_solver
+from steindiff.experiment import ExperimentResult
+from steindiff.images import image_grid
+from steindiff.records import RunResult
+from steindiff.solvers import SOLVERS, get_solver
 
 __all__ = ["diagnostics_figure", "image_views", "particles_csv", "particles_figure", "steps_csv", "summary_markdown"]
 

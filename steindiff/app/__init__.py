@@ -1,0 +1,1 @@
+"""The app's wing: its settings and presets, the compute thread, and the figures (no gradio here)."""

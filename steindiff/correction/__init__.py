@@ -1,0 +1,1 @@
+"""The Stein correction: divergence estimation and the gamma rule with its safeguards."""
