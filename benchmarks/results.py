@@ -30,8 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from steindiff.bench.report import headline, verdicts, write_outputs  # noqa: E402
-from steindiff.bench.sweep import VARIANTS, BenchConfig, CellResult, stein_config  # noqa: E402
-from steindiff.correction.rule import SteinConfig  # noqa: E402
+from steindiff.bench.sweep import VARIANTS, BenchConfig, CellResult  # noqa: E402
+from steindiff.correction.rule import (  # noqa: E402
+    SteinConfig,
+    stein_config,
+)
 from steindiff.solvers import get_solver  # noqa: E402
 
 DEFAULT_MODELS = "mnist,mlp-ring,mlp-aniso,mlp-moons"

@@ -32,21 +32,19 @@ from steindiff.correction.rule import (
     GammaVariant,
     ProbeKind,
     SteinConfig,
-    variant_settings,
+    stein_config,
 )
 from steindiff.denoisers import MODELS
-from steindiff.denoisers.hub import DIFFUSERS_PREFIX
 from steindiff.diagnostics.jacobians import JacobianMode
-from steindiff.experiment import Experiment, Limits, ModelCatalog, check_device, run_experiment
+from steindiff.experiment import Experiment, ModelCatalog, check_device, run_experiment
 from steindiff.images import image_grid, save_png, side_by_side
+from steindiff.limits import Limits
 from steindiff.records import DiagnosticsConfig
 from steindiff.schedules import SCHEDULES
 from steindiff.solvers import SOLVERS, SolverOptions
 from steindiff.train import TrainConfig, train
 
-MAX_NFE = Limits.max_nfe
 PRODUCTS_HELP = "each probe by a VJP (the paper), all K VJPs in one backward, or a forward difference"
-MAX_BATCH = Limits.max_batch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}, or diffusers:<hub id or folder>")
     run.add_argument("--solver", default="dpmpp_2m", help=f"one of: {', '.join(SOLVERS)}")
     run.add_argument("--schedule", default="karras", help=f"one of: {', '.join(SCHEDULES)}")
-    run.add_argument("--nfe", type=_int_in(1, MAX_NFE), default=5, help="network evaluations (Heun: 2 a step, 1 last)")
-    run.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=512)
+    run.add_argument(
+        "--nfe", type=_int_in(1, Limits.max_nfe), default=5, help="network evaluations (Heun: 2 a step, 1 last)"
+    )
+    run.add_argument("--batch", type=_int_in(1, Limits.max_batch), default=512)
     run.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     run.add_argument("--sigma-min", type=_positive, help="default: the model's")
     run.add_argument("--sigma-max", type=_positive, help="default: the model's")
@@ -130,14 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stein.add_argument("--gamma-min", type=_real, default=SteinConfig.gamma_min, help="custom rule only")
     stein.add_argument("--gamma-max", type=_real, default=SteinConfig.gamma_max, help="custom: inf = literal")
-    stein.add_argument("--probes", type=_int_in(1, 256), default=SteinConfig.probes)
+    stein.add_argument("--probes", type=_int_in(1, Limits.max_probes), default=SteinConfig.probes)
     stein.add_argument("--probe", choices=get_args(ProbeKind), default=SteinConfig.probe)
     stein.add_argument("--products", choices=PROBE_PRODUCTS, default=SteinConfig.products, help=PRODUCTS_HELP)
     stein.add_argument("--coords", choices=get_args(Coords), default=SteinConfig.coords)
     stein.add_argument("--variant", choices=get_args(GammaVariant), default=SteinConfig.variant)
     diag = run.add_argument_group("diagnostics")
     diag.add_argument("--no-lipschitz", action="store_true", help="skip the Lipschitz estimates")
-    diag.add_argument("--lipschitz-samples", type=_int_in(1, 4096), default=8)
+    diag.add_argument("--lipschitz-samples", type=_int_in(1, Limits.max_lipschitz_samples), default=8)
     diag.add_argument("--lipschitz-iters", type=_int_in(1, 1000), default=20)
     diag.add_argument(
         "--lipschitz-batch",
@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diag.add_argument("--no-reference", action="store_true", help="skip the reference trajectory and err_ref")
     diag.add_argument(
-        "--reference-samples", type=_int_in(1, MAX_BATCH), help="err_ref on the first N samples (images: 64, 2-D: all)"
+        "--reference-samples",
+        type=_int_in(1, Limits.max_batch),
+        help="err_ref on the first N samples (images: 64, 2-D: all)",
     )
     diag.add_argument(
         "--jacobian-mode", choices=get_args(JacobianMode), default="vjp2", help="J v by forward mode, double VJP or fd"
@@ -177,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--samples", type=_int_in(2, 10**7), default=BenchConfig.samples, help="per cell and seed")
     bench.add_argument("--seeds", type=_ints, default=BenchConfig.seeds, help="comma-separated")
-    bench.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=BenchConfig.batch, help="also the Stein batch")
-    bench.add_argument("--probes", type=_int_in(1, 256), default=BenchConfig.probes)
+    bench.add_argument(
+        "--batch", type=_int_in(1, Limits.max_batch), default=BenchConfig.batch, help="also the Stein batch"
+    )
+    bench.add_argument("--probes", type=_int_in(1, Limits.max_probes), default=BenchConfig.probes)
     bench.add_argument("--products", choices=PROBE_PRODUCTS, default=BenchConfig.products, help=PRODUCTS_HELP)
     bench.add_argument(
         "--reference-samples", type=_int_in(0, 10**7), default=BenchConfig.reference_samples, help="err_ref on these"
@@ -194,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--model", default="mnist", help=f"one of: {', '.join(MODELS)}")
     cost.add_argument("--solver", default="dpmpp_2m")
     cost.add_argument("--schedule", default="karras")
-    cost.add_argument("--nfe", type=_int_in(1, MAX_NFE), default=5)
-    cost.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=64)
+    cost.add_argument("--nfe", type=_int_in(1, Limits.max_nfe), default=5)
+    cost.add_argument("--batch", type=_int_in(1, Limits.max_batch), default=64)
     cost.add_argument("--variants", type=_names, default=("stein",), help="comma-separated Stein variants")
     cost.add_argument("--probes", type=_ints, default=(1, 5), help="comma-separated probe counts K")
     cost.add_argument("--repeats", type=_int_in(1, 1000), default=3)
@@ -207,11 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def experiment_from_args(args: argparse.Namespace) -> Experiment:
+def experiment_from_args(args: argparse.Namespace, catalog: ModelCatalog) -> Experiment:
     """The :class:`Experiment` described by ``sample``'s arguments (settings validated on construction)."""
-    image = args.model.startswith(DIFFUSERS_PREFIX) or (args.model in MODELS and MODELS[args.model].kind == "image")
-    stein = SteinConfig(  # validated even without --stein: a bad setting is an error either way
-        **variant_settings(args.rule, args.gamma_min, args.gamma_max),
+    image = catalog.kind(args.model) == "image"
+    stein = stein_config(  # validated even without --stein: a bad setting is an error either way
+        args.rule,
+        gamma_min=args.gamma_min,
+        gamma_max=args.gamma_max,
         probes=args.probes,
         probe=args.probe,
         products=args.products,
@@ -251,9 +257,10 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
 
 def run_sample(args: argparse.Namespace) -> dict:
     """Run the comparison described by parsed arguments, write the grid if asked, return the JSON."""
-    result = run_experiment(experiment_from_args(args), ModelCatalog(any_diffusers=True, half=args.half))
+    catalog = ModelCatalog(any_diffusers=True, half=args.half)
+    result = run_experiment(experiment_from_args(args, catalog), catalog)
     if args.grid is not None:
-        if len(result.model.event_shape) != 3:
+        if result.model.kind != "image":
             raise ValueError("--grid needs an image model")
         grids = [image_grid(result.model.decode(run.samples[:64]), scale=2) for run in result.runs().values()]
         save_png(args.grid, side_by_side(grids))

@@ -12,9 +12,10 @@ import torch
 
 from steindiff.bench.metrics import DIGIT_SHAPE, load_classifier, score_digits
 from steindiff.correction.rule import SteinConfig
-from steindiff.denoisers import MODELS, Denoiser, load_denoiser, load_model, prepare_for_device
+from steindiff.denoisers import MODELS, Denoiser, ModelKind, load_denoiser, load_model, prepare_for_device
 from steindiff.denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
 from steindiff.diagnostics.reference import FlowSolution
+from steindiff.limits import Limits
 from steindiff.noise import initial_noise
 from steindiff.records import Comparison, DiagnosticsConfig, StepRecord
 from steindiff.sampling import Phase, compare, takes_functorch
@@ -24,28 +25,12 @@ from steindiff.solvers import SOLVERS, SolverOptions, get_solver
 __all__ = [
     "Experiment",
     "ExperimentResult",
-    "Limits",
     "ModelCatalog",
     "VectorField",
     "check_device",
     "run_experiment",
     "vector_field",
 ]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (the CLI is generous; a shared server is not)."""
-
-    max_nfe: int = 1000
-    max_batch: int = 100_000
-    max_image_batch: int = 100_000
-    max_probes: int = 256
-    max_lipschitz_samples: int = 4096
-
-    def batch_limit(self, kind: str) -> int:
-        """The largest batch of a model of ``kind`` ('image' or '2d')."""
-        return self.max_image_batch if kind == "image" else self.max_batch
 
 
 @dataclass(frozen=True)
@@ -149,7 +134,7 @@ class ModelCatalog:
         self.any_diffusers = any_diffusers
         self.half = half
         self._loaded: dict[tuple[str, str], Denoiser] = {}
-        self._kinds: dict[str, str] = {}
+        self._kinds: dict[str, ModelKind] = {}
         self._flows: dict[tuple, FlowSolution] = {}
 
     def reference_flow(self, key: tuple) -> FlowSolution | None:
@@ -173,14 +158,14 @@ class ModelCatalog:
         """Whether ``name`` may be loaded from this catalog."""
         return name in self.names() or (self.any_diffusers and name.startswith(DIFFUSERS_PREFIX))
 
-    def kind(self, name: str) -> str:
-        """'2d' or 'image'."""
+    def kind(self, name: str) -> ModelKind:
+        """What the model draws: 'image' or '2d'."""
         if name in MODELS:
             return MODELS[name].kind
         if name.startswith(DIFFUSERS_PREFIX):
             return "image"
         if name not in self._kinds:
-            self._kinds[name] = "image" if len(self.get(name).event_shape) == 3 else "2d"
+            self._kinds[name] = self.get(name).kind
         return self._kinds[name]
 
     def get(self, name: str, device: str = "cpu") -> Denoiser:
@@ -293,7 +278,7 @@ def run_experiment(
         on_phase=on_phase,
     )
     models.remember_reference_flow(reference_key, comparison.flow)
-    field_2d = vector_field(model, comparison.sigmas, experiment.device) if model.event_shape == (2,) else None
+    field_2d = vector_field(model, comparison.sigmas, experiment.device) if model.kind == "2d" else None
     result = ExperimentResult(experiment, model, comparison, {}, field_2d)
     if experiment.score and model.event_shape == DIGIT_SHAPE and experiment.batch >= 2:
         classifier = load_classifier()

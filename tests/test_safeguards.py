@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from steindiff import SteinConfig, initial_noise, load_model, make_sigmas, sample
-from steindiff.bench.sweep import stein_config
-from steindiff.correction.rule import STEIN_VARIANTS, DivergenceEstimate, noise_level_gamma, stein_update
+from steindiff.correction.rule import STEIN_VARIANTS, DivergenceEstimate, noise_level_gamma, stein_config, stein_update
 from steindiff.solvers import SolverOptions, get_solver, with_lookahead
 
 F64 = torch.float64
@@ -83,8 +82,8 @@ def test_safeguarded_sampling_never_leaves_finite_states_where_the_literal_rule_
     for solver in ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "heun"):
         for nfe in (3, 6, 10):
             sigmas = make_sigmas("karras", get_solver(solver).steps_for_nfe(nfe))
-            literal = sample(model, x, sigmas, solver, stein=stein_config("stein", 2), keep_states=False)
-            safe = sample(model, x, sigmas, solver, stein=stein_config("stein-safe", 2), keep_states=False)
+            literal = sample(model, x, sigmas, solver, stein=stein_config("stein", probes=2), keep_states=False)
+            safe = sample(model, x, sigmas, solver, stein=stein_config("stein-safe", probes=2), keep_states=False)
             assert bool(torch.isfinite(safe.samples).all())
             bound = [r.sigma / (r.sigma - r.sigma_next) for r in safe.trace]
             assert all(1 <= r.gamma <= b + 1e-12 for r, b in zip(safe.trace, bound, strict=True))
@@ -130,7 +129,7 @@ def test_lookahead_costs_no_extra_nfe_and_its_last_step_is_the_solvers(solver):
     model = load_model("gmm-ring")
     x = initial_noise(32, model.event_shape, 80.0, seed=7)
     sigmas = make_sigmas("logsnr", 5)
-    run = sample(model, x, sigmas, solver, stein=stein_config("sc-lookahead", 1))
+    run = sample(model, x, sigmas, solver, stein=stein_config("sc-lookahead", probes=1))
     assert run.nfe_total == get_solver(solver).nfe(5)
     assert [r.nfe for r in run.trace] == [2, 1, 1, 1, 0]
     assert run.trace[-1].gamma == 1.0  # into sigma = 0 the trust region's bound is 1
@@ -162,7 +161,7 @@ def test_vanilla_beside_a_lookahead_run_stays_the_plain_solver():
     model = load_model("gmm-ring")
     x = initial_noise(32, model.event_shape, 80.0, seed=8)
     sigmas = make_sigmas("karras", 5)
-    result = compare(model, x, sigmas, "ddim", stein_config("sc-lookahead", 1))
+    result = compare(model, x, sigmas, "ddim", stein_config("sc-lookahead", probes=1))
     plain = sample(model, x, sigmas, "ddim")
     assert torch.equal(result.vanilla.samples, plain.samples)
     assert result.stein.nfe_total == plain.nfe_total == 5

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from steindiff.correction.rule import CUSTOM_VARIANT, DEFAULT_VARIANT, SteinConfig, variant_settings
+from steindiff.correction.rule import CUSTOM_VARIANT, DEFAULT_VARIANT, stein_config
 from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL
-from steindiff.experiment import Experiment, ExperimentResult, Limits, ModelCatalog, run_experiment
+from steindiff.experiment import Experiment, ExperimentResult, ModelCatalog, run_experiment
+from steindiff.limits import Limits
 from steindiff.records import DiagnosticsConfig
 
 __all__ = [
@@ -153,8 +154,16 @@ def build_experiment(
         if float(numbers[name]) != int(numbers[name]):
             raise ValueError(f"{name} must be a whole number, got {numbers[name]}")
     image = _serves_images(catalog, model)
-    gammas = variant_settings(rule, float(gamma_min), math.inf if literal else float(gamma_max))
-    stein = SteinConfig(**gammas, probes=int(probes), probe=probe, products=products, coords=coords, variant=variant)
+    stein = stein_config(
+        rule,
+        gamma_min=float(gamma_min),
+        gamma_max=math.inf if literal else float(gamma_max),
+        probes=int(probes),
+        probe=probe,
+        products=products,
+        coords=coords,
+        variant=variant,
+    )
     # interactive budgets: a few samples for the Lipschitz estimates, a subset for the reference error
     diagnostics = DiagnosticsConfig(
         lipschitz=bool(lipschitz),

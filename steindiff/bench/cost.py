@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from steindiff.correction.rule import STEIN_VARIANTS, SteinConfig
+from steindiff.correction.rule import STEIN_VARIANTS, VANILLA, SteinConfig, stein_config
 from steindiff.denoisers import Denoiser, load_model, prepare_for_device
 from steindiff.noise import initial_noise
 from steindiff.records import DiagnosticsConfig
@@ -60,14 +60,14 @@ PRODUCT_LABELS = {"vjp": "", "vjp-batched": ", batched VJPs", "fd": ", fd probes
 def cost_cases(variants: list[str], probe_counts: list[int]) -> list[CostCase]:
     """Vanilla, then every variant at every probe count K with VJP and forward-difference probes, and
     for K > 1 also with the K VJPs batched."""
-    cases = [CostCase("vanilla", None)]
+    cases = [CostCase(VANILLA, None)]
     for variant in variants:
         if variant not in STEIN_VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(STEIN_VARIANTS)}")
         for k in probe_counts:
             for products, suffix in PRODUCT_LABELS.items():
                 if products != "vjp-batched" or k > 1:
-                    config = SteinConfig(**STEIN_VARIANTS[variant], probes=k, products=products)
+                    config = stein_config(variant, probes=k, products=products)
                     cases.append(CostCase(f"{variant}, K = {k}{suffix}", config))
     return cases
 

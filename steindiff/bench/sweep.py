@@ -26,21 +26,21 @@ import torch
 
 from steindiff.bench.distributed import Shard, gather
 from steindiff.bench.quality import QualityMetric
-from steindiff.correction.rule import STEIN_VARIANTS, ProbeProducts, SteinConfig
+from steindiff.correction.rule import STEIN_VARIANTS, VANILLA, ProbeProducts, SteinConfig, stein_config
 from steindiff.denoisers import Denoiser, prepare_for_device
 from steindiff.diagnostics.reference import flow_map
+from steindiff.limits import Limits
 from steindiff.noise import derived_seeds, initial_noise
 from steindiff.records import DiagnosticsConfig, RunResult
 from steindiff.sampling import sample, takes_functorch
 from steindiff.schedules import SCHEDULES, make_sigmas
 from steindiff.solvers import get_solver
 
-__all__ = ["VARIANTS", "BenchConfig", "CellResult", "as_records", "run_bench", "stein_config", "summarise"]
+__all__ = ["VARIANTS", "BenchConfig", "CellResult", "as_records", "run_bench", "summarise"]
 
 #: "vanilla" and the named settings of the correction
-VARIANTS = ("vanilla", *STEIN_VARIANTS)
+VARIANTS = (VANILLA, *STEIN_VARIANTS)
 BLOCK_STREAM = 3
-MAX_NFE = 1000
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class BenchConfig:
             if variant not in VARIANTS:
                 raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         for nfe in self.nfe:
-            if not 1 <= nfe <= MAX_NFE:
-                raise ValueError(f"nfe must be between 1 and {MAX_NFE}, got {nfe}")
+            if not 1 <= nfe <= Limits.max_nfe:
+                raise ValueError(f"nfe must be between 1 and {Limits.max_nfe}, got {nfe}")
         if not all((self.solvers, self.schedules, self.nfe, self.variants, self.seeds)):
             raise ValueError("solvers, schedules, nfe, variants and seeds must each name at least one value")
         if self.samples < 2 or self.batch < 1 or self.reference_samples < 0:
@@ -106,13 +106,6 @@ class CellResult:
     #: of the steps where the rule ran (over all blocks), the share whose applied gamma was not 1: where the
     #: Stein coefficient changed the solver's step (None: vanilla, or a sweep made before this was recorded)
     gamma_moved: float | None = None
-
-
-def stein_config(variant: str, probes: int, products: ProbeProducts = "vjp") -> SteinConfig | None:
-    """The correction a variant name stands for (None: vanilla)."""
-    if variant == "vanilla":
-        return None
-    return SteinConfig(**STEIN_VARIANTS[variant], probes=probes, products=products)
 
 
 def _block_seed(seed: int, block: int) -> int:
@@ -177,7 +170,7 @@ def run_bench(
                 for nfe in config.nfe:
                     sigmas = make_sigmas(schedule, spec.steps_for_nfe(nfe), sigma_min, sigma_max)
                     for variant in config.variants:
-                        stein = stein_config(variant, config.probes, config.products)
+                        stein = stein_config(variant, probes=config.probes, products=config.products)
                         start = time.perf_counter()
                         blocks = []
                         for b in mine:

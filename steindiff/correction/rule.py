@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
+
+from steindiff.limits import Limits
 
 __all__ = [
     "CUSTOM_VARIANT",
@@ -43,6 +45,7 @@ __all__ = [
     "PROBE_PRODUCTS",
     "SAFEGUARDS",
     "STEIN_VARIANTS",
+    "VANILLA",
     "Coords",
     "DivergenceEstimate",
     "GammaVariant",
@@ -54,8 +57,8 @@ __all__ = [
     "hutchinson",
     "noise_level_gamma",
     "probe_stack",
+    "stein_config",
     "stein_update",
-    "variant_settings",
     "vjp_products",
     "vp_alpha",
 ]
@@ -115,8 +118,8 @@ class SteinConfig:
             raise ValueError("gamma_min and gamma_max must not be NaN")
         if self.gamma_min > self.gamma_max:
             raise ValueError(f"gamma_min ({self.gamma_min}) must not exceed gamma_max ({self.gamma_max})")
-        if not 1 <= self.probes <= 256:
-            raise ValueError(f"probes must be between 1 and 256, got {self.probes}")
+        if not 1 <= self.probes <= Limits.max_probes:
+            raise ValueError(f"probes must be between 1 and {Limits.max_probes}, got {self.probes}")
         if self.probe not in ("rademacher", "gaussian", "exact"):
             raise ValueError(f"probe must be 'rademacher', 'gaussian' or 'exact', got {self.probe!r}")
         if self.products not in PROBE_PRODUCTS:
@@ -153,13 +156,32 @@ DEFAULT_VARIANT = "sc-lookahead"
 CUSTOM_VARIANT = "custom"
 
 
-def variant_settings(rule: str, gamma_min: float, gamma_max: float) -> dict:
-    """SteinConfig settings of a named variant, or of the custom clip [gamma_min, gamma_max]."""
+#: the name the benchmark and the cost table give the uncorrected solver
+VANILLA = "vanilla"
+
+
+def stein_config(
+    rule: str, *, gamma_min: float = 0.1, gamma_max: float = math.inf, **settings: Any
+) -> SteinConfig | None:
+    """The correction a rule name stands for: the one path from a name to a config, for the app, the CLI and
+    the benchmark.
+
+    Arguments:
+        rule: a name of :data:`STEIN_VARIANTS`, :data:`CUSTOM_VARIANT` (the clip ``[gamma_min, gamma_max]``
+            with no safeguard) or :data:`VANILLA`.
+        gamma_min, gamma_max: the custom rule's clip; the named rules bring their own.
+        settings: the remaining :class:`SteinConfig` fields (probes, probe, products, coords, variant).
+
+    Returns:
+        The validated config, or None for :data:`VANILLA`. ValueError names an unknown rule or a bad setting.
+    """
+    if rule == VANILLA:
+        return None
     if rule == CUSTOM_VARIANT:
-        return {"gamma_min": gamma_min, "gamma_max": gamma_max}
+        return SteinConfig(gamma_min=gamma_min, gamma_max=gamma_max, **settings)
     if rule not in STEIN_VARIANTS:
         raise ValueError(f"unknown rule {rule!r}; choose from {', '.join([*STEIN_VARIANTS, CUSTOM_VARIANT])}")
-    return STEIN_VARIANTS[rule]
+    return SteinConfig(**{**STEIN_VARIANTS[rule], **settings})
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Denoisers in EDM coordinates: the protocol, exact models and the model registry."""
 
-from .base import CountingDenoiser, Denoiser, ExactDenoiser, prepare_for_device
+from .base import CountingDenoiser, Denoiser, ExactDenoiser, ModelKind, model_kind, prepare_for_device
 from .empirical import EmpiricalDenoiser, load_digits8, load_mnist
 from .gmm import GMM_PRESETS, GaussianMixture, gmm_preset
 from .networks import PreconditionedDenoiser
@@ -18,6 +18,7 @@ __all__ = [
     "ExactDenoiser",
     "GaussianMixture",
     "ModelInfo",
+    "ModelKind",
     "PreconditionedDenoiser",
     "WeightsError",
     "gmm_preset",
@@ -25,6 +26,7 @@ __all__ = [
     "load_digits8",
     "load_mnist",
     "load_model",
+    "model_kind",
     "prepare_for_device",
     "save_denoiser",
 ]

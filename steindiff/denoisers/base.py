@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["CountingDenoiser", "DenoiseFn", "Denoiser", "ExactDenoiser", "prepare_for_device"]
+__all__ = [
+    "CountingDenoiser",
+    "DenoiseFn",
+    "Denoiser",
+    "ExactDenoiser",
+    "ModelKind",
+    "model_kind",
+    "prepare_for_device",
+]
 
 #: what solvers and flows call: (x, sigma) -> D(x, sigma), a denoiser or a wrapper of one
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: what a model's samples are: images (C, H, W) or points in the plane
+ModelKind = Literal["image", "2d"]
+
+
+def model_kind(event_shape: Sequence[int]) -> ModelKind:
+    """The one test of what a model draws: images for a (C, H, W) event, else points."""
+    return "image" if len(event_shape) == 3 else "2d"
 
 
 class Denoiser(nn.Module, abc.ABC):
@@ -31,6 +47,11 @@ class Denoiser(nn.Module, abc.ABC):
         self.event_shape = tuple(event_shape)
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
+
+    @property
+    def kind(self) -> ModelKind:
+        """What the samples are (:func:`model_kind`)."""
+        return model_kind(self.event_shape)
 
     @property
     def dim(self) -> int:
@@ -97,5 +118,5 @@ def prepare_for_device(model: Denoiser, device: str | torch.device, functorch: b
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    fast = torch.device(device).type == "cpu" and len(model.event_shape) == 3 and not functorch
+    fast = torch.device(device).type == "cpu" and model.kind == "image" and not functorch
     return model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Denoiser
+from .base import Denoiser, ModelKind
 from .empirical import EmpiricalDenoiser, load_digits8, load_mnist
 from .gmm import GMM_PRESETS, gmm_preset
 from .weights import load_denoiser
@@ -25,7 +25,7 @@ class ModelInfo:
     name: str
     build: Callable[[], Denoiser]
     description: str
-    kind: str  # "2d" or "image"
+    kind: ModelKind
     #: the exact mixture whose samples are the truth for a 2-D model
     truth: str | None = None
 
