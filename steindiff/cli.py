@@ -16,7 +16,7 @@ from typing import NoReturn, get_args
 import torch
 from tqdm import tqdm
 
-from steindiff import distributed
+from steindiff.bench import distributed
 from steindiff.bench.cost import cost_cases, measure_cost
 from steindiff.bench.cost import markdown_table as cost_table
 from steindiff.bench.metrics import train_classifier
