@@ -194,18 +194,19 @@ class PreconditionedDenoiser(Denoiser):
         info: dict | None = None,
     ):
         super().__init__(event_shape, sigma_min=sigma_min, sigma_max=sigma_max)
-        self.network, self.sigma_data, self.name, self.kind = network, float(sigma_data), name, kind
+        # the network's kind ("unet" or "mlp"), stored as "kind" with the weights; ``Denoiser.kind`` is the samples'
+        self.network, self.sigma_data, self.name, self.network_kind = network, float(sigma_data), name, kind
         self.pad_value, self.info = pad_value, dict(info or {})
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        if self.kind != "unet":
+        if self.network_kind != "unet":
             return x, 0
         pad = (self.network.config.image_size - x.shape[-1]) // 2
         return (F.pad(x, (pad,) * 4, value=self.pad_value) if pad else x), pad
 
     def _network(self, x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         """F(x_in, c_noise); a UNet on the CPU in chunks of at most UNET_CPU_CHUNK samples."""
-        if self.kind != "unet" or x_in.device.type != "cpu" or len(x_in) <= UNET_CPU_CHUNK:
+        if self.network_kind != "unet" or x_in.device.type != "cpu" or len(x_in) <= UNET_CPU_CHUNK:
             return self.network(x_in, c_noise)
         chunks = zip(x_in.split(UNET_CPU_CHUNK), c_noise.split(UNET_CPU_CHUNK), strict=True)
         return torch.cat([self.network(part, noise) for part, noise in chunks])
@@ -224,7 +225,7 @@ class PreconditionedDenoiser(Denoiser):
     def config_dict(self) -> dict:
         """What is stored beside the weights to rebuild this denoiser."""
         return {
-            "kind": self.kind,
+            "kind": self.network_kind,
             "network": asdict(self.network.config),
             "event_shape": list(self.event_shape),
             "sigma_data": self.sigma_data,
