@@ -3,7 +3,7 @@
     python benchmarks/app_compute.py [--device cuda|cpu] [--repeats 5]
 
 For machines without gradio (the lent GPU machines): the cases and settings of app_roundtrip.py, through
-the same ``steindiff.app.settings.build_experiment``, timed around ``run_experiment``. The round trip adds
+the same ``steindiff.app.settings.Settings.experiment``, timed around ``run_experiment``. The round trip adds
 the figures, the images and the HTTP exchange; app_roundtrip.py measures all of it where gradio runs.
 Each model runs where the app runs it (``model_device``: a 2-D model on the CPU) unless --device is given.
 Torch's default threads (as the app has) unless OMP_NUM_THREADS is set.
@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from steindiff.app.settings import LIMITS, SETTINGS, build_experiment
+from steindiff.app.settings import LIMITS, Settings
 from steindiff.experiment import ModelCatalog, run_experiment
 
-BASE = {**dict(SETTINGS), "solver": "dpmpp_2m", "schedule": "karras", "nfe": 5, "seed": 0}
+BASE = {**Settings.defaults(), "solver": "dpmpp_2m", "schedule": "karras", "nfe": 5, "seed": 0}
 CASES = {
     "mnist, NFE 5, batch 16": {"model": "mnist", "batch": 16},
     "gmm-ring, NFE 5, 2,000 particles": {"model": "gmm-ring", "batch": 2000},
@@ -80,7 +80,7 @@ def main() -> None:
 
     def run(call: dict[str, Any]) -> str:
         """One run; the device it ran on."""
-        experiment = build_experiment(catalog, *call.values(), device=args.device)
+        experiment = Settings.from_values(**call).experiment(catalog, device=args.device)
         run_experiment(experiment, catalog, LIMITS)
         if experiment.device.startswith("cuda"):
             torch.cuda.synchronize()

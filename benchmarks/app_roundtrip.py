@@ -89,25 +89,25 @@ def main() -> None:
         print(f"server: python app.py, torch threads: {threads}")
         print(f"server idle: {_idle_share(server.pid)}")
         start = time.perf_counter()
-        client.predict(*BASE.values(), api_name="/run")  # what a first visitor's Run sends
+        client.predict(**BASE, api_name="/run")  # what a first visitor's Run sends
         print(f"the server's first request, the form's defaults: {time.perf_counter() - start:.3f} s")
         clients = {
             "gradio_client's defaults": client,
             "no TLS context (ssl_verify=False)": Client(url, verbose=False, ssl_verify=False),
         }
         for name, case in CASES.items():
-            settings = {**BASE, **case}  # in the order of app.SETTINGS
+            settings = {**BASE, **case}
             for each in clients.values():  # warm-up: model load, first-call overheads, the client's connection
-                each.predict(*settings.values(), api_name="/run")
+                each.predict(**settings, api_name="/run")
             plans = [call_plans(settings, args.repeats, seed_offset=args.repeats * i) for i in range(len(clients))]
             for label in plans[0]:
                 times: dict[str, list[float]] = {kind: [] for kind in clients}
                 for calls in zip(*(plan[label] for plan in plans), strict=True):
                     for (kind, each), (setup, call) in zip(clients.items(), calls, strict=True):
                         if setup is not None:
-                            each.predict(*setup.values(), api_name="/run")
+                            each.predict(**setup, api_name="/run")
                         start = time.perf_counter()
-                        each.predict(*call.values(), api_name="/run")
+                        each.predict(**call, api_name="/run")
                         times[kind].append(time.perf_counter() - start)
                 for kind, measured in times.items():
                     report(name, f"{label}, {kind}", measured)

@@ -137,6 +137,21 @@ class ModelCatalog:
         self._kinds: dict[str, ModelKind] = {}
         self._flows: dict[tuple, FlowSolution] = {}
 
+    @classmethod
+    def from_args(cls, items: Sequence[str], half: bool = False) -> ModelCatalog:
+        """The registry plus a server's command-line models, each ``NAME=PATH`` (a steindiff safetensors file)
+        or ``diffusers:<hub id or folder>``; ValueError names an item of neither form."""
+        extra, hub = {}, []
+        for item in items:
+            name, sep, path = item.partition("=")
+            if item.startswith(DIFFUSERS_PREFIX):
+                hub.append(item)
+            elif sep and name and path:
+                extra[name] = Path(path)
+            else:
+                raise ValueError(f"--model expects NAME=PATH or diffusers:ID, got {item!r}")
+        return cls(extra, hub, half=half)
+
     def reference_flow(self, key: tuple) -> FlowSolution | None:
         """A reference ODE solution computed earlier for the same model, noise and reference settings."""
         return self._flows.get(key)

@@ -17,21 +17,27 @@ from gradio_client import Client
 from gradio_client.utils import StatusUpdate
 
 import app
-from steindiff import interactive
+from steindiff.app import session as app_session
+from steindiff.app import settings as app_settings
+from steindiff.app.download import write_download
 from steindiff.app.plots import _log_ticks, diagnostics_figure, particles_figure, summary_markdown
+from steindiff.app.presets import PRESETS
+from steindiff.app.progress import PHASE_TEXT
+from steindiff.app.settings import LIMITS, Settings, step_from_link
+from steindiff.app.views import Shown, render
 from steindiff.experiment import ModelCatalog, run_experiment
 
-GOOD = {**dict(app.SETTINGS), "model": "gmm-ring", "batch": 64, "gamma_max": 1.0, "literal": True, "rule": "custom"}
+GOOD = {**Settings.defaults(), "model": "gmm-ring", "batch": 64, "gamma_max": 1.0, "literal": True, "rule": "custom"}
 
 
 def _call(client: Client, **changes):
-    return client.predict(*{**GOOD, **changes}.values(), api_name="/run")
+    return client.predict(**{**GOOD, **changes}, api_name="/run")
 
 
-def test_build_experiment_validates_like_the_server():
+def test_settings_validate_like_the_server():
     catalog = ModelCatalog()
-    experiment = app.build_experiment(catalog, *GOOD.values())
-    experiment.check(catalog, app.LIMITS)
+    experiment = Settings.from_values(**GOOD).experiment(catalog)
+    experiment.check(catalog, LIMITS)
     assert experiment.stein.gamma_max == math.inf and experiment.nfe == 5
     for bad, match in [
         ({"nfe": float("nan")}, "nfe must be a number"),
@@ -43,52 +49,69 @@ def test_build_experiment_validates_like_the_server():
         ({"probe": "exact", "products": "fd"}, "exact trace"),
     ]:
         with pytest.raises(ValueError, match=match):
-            app.build_experiment(catalog, *{**GOOD, **bad}.values())
+            Settings.from_values(**{**GOOD, **bad}).experiment(catalog)
 
 
 def test_the_form_starts_at_the_run_endpoints_defaults():
-    """What the page shows before any change is what /run does when called with app.SETTINGS."""
+    """What the page shows before any change is what /run does when called with no argument: one parameter a
+    setting, named after it, in the form's order."""
     demo = app.make_app(ModelCatalog())
     run = next(fn for fn in demo.fns.values() if fn.api_name == "run")
     parameters = [component for component in run.inputs if not component.skip_api]  # the page's states aside
-    assert [component.value for component in parameters] == [value for _, value in app.SETTINGS]
+    assert [component.value for component in parameters] == list(Settings.defaults().values())
+    assert run.input_parameter_names[: len(parameters)] == Settings.names()
+
+
+def test_run_is_called_by_keyword_and_the_rest_default(server):
+    """/run's parameters are the settings' names with their defaults: a call that names three of them runs the
+    defaults for the others, and a call by keyword gives the same result as the same values in order."""
+    client = Client(server, verbose=False)
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/run"]["parameters"]
+    assert [p["parameter_name"] for p in info] == Settings.names()
+    assert [p["parameter_default"] for p in info] == list(Settings.defaults().values())
+    named = client.predict(model="gmm-ring", batch=64, lipschitz=False, api_name="/run")[10]
+    in_order = {**Settings.defaults(), "model": "gmm-ring", "batch": 64, "lipschitz": False}
+    positional = client.predict(*in_order.values(), api_name="/run")[10]
+    assert named["config"] == positional["config"] and named["config"]["stein"]["lookahead"]
+    assert named["vanilla"]["final"] == positional["vanilla"]["final"]
 
 
 def test_every_preset_is_a_valid_run_the_form_offers():
     catalog = ModelCatalog()
-    for name, preset in app.PRESETS.items():
-        settings = {**dict(app.SETTINGS), **preset}
-        assert all(settings[key] in offered for key, offered in app.CHOICES.items()), name
-        app.build_experiment(catalog, *settings.values()).check(catalog, app.LIMITS)
+    for name, preset in PRESETS.items():
+        settings = {**Settings.defaults(), **preset}
+        offered = {key: control.choices for key, control in Settings.controls().items() if control.choices}
+        assert all(settings[key] in choices for key, choices in offered.items()), name
+        Settings.from_values(**settings).experiment(catalog).check(catalog, LIMITS)
 
 
 def test_a_link_sets_what_it_names_and_falls_back_where_the_form_offers_no_such_value():
     models = ["mnist", "gmm-ring"]
     link = {"solver": "dpmpp_3m+lookahead", "schedule": "logsnr", "seed": "7", "stein_on": "false", "model": "gmm-ring"}
-    assert app.settings_from_link(link, models, "mnist") == {**link, "seed": 7, "stein_on": False}
+    assert Settings.from_link(link, models, "mnist") == {**link, "seed": 7, "stein_on": False}
     mistyped = {"solver": "ddim lookahead", "schedule": "zz", "nfe": "x", "model": "nope", "probe": "cauchy"}
-    assert app.settings_from_link(mistyped, models, "gmm-ring") == {
+    assert Settings.from_link(mistyped, models, "gmm-ring") == {
         "solver": "dpmpp_2m",
         "schedule": "karras",
         "nfe": 5,
         "model": "gmm-ring",
         "probe": "rademacher",
     }
-    assert app.settings_from_link({"unknown": "1"}, models, "mnist") == {}
+    assert Settings.from_link({"unknown": "1"}, models, "mnist") == {}
 
 
 def test_a_link_names_the_step_its_first_run_opens_at():
-    assert app.step_from_link({"step": "2", "seed": "7"}) == 2
-    assert app.step_from_link({"step": "0"}) == 0
+    assert step_from_link({"step": "2", "seed": "7"}) == 2
+    assert step_from_link({"step": "0"}) == 0
     for unread in ("-1", "1.5", "x", "", " 2", "\u00b2"):  # the last: superscript two, a digit to str.isdigit
-        assert app.step_from_link({"step": unread}) is None, unread
-    assert app.step_from_link({"seed": "7"}) is None
+        assert step_from_link({"step": unread}) is None, unread
+    assert step_from_link({"seed": "7"}) is None
 
 
 def test_choosing_a_model_gives_its_kinds_batch_unless_the_user_set_one():
     catalog = ModelCatalog()
-    image, particles = interactive.DEFAULT_BATCH["image"], interactive.DEFAULT_BATCH["2d"]
-    assert image == dict(app.SETTINGS)["batch"] and particles > app.LIMITS.max_image_batch
+    image, particles = app_settings.DEFAULT_BATCH["image"], app_settings.DEFAULT_BATCH["2d"]
+    assert image == Settings.defaults()["batch"] and particles > LIMITS.max_image_batch
     for model, batch, shown in [
         ("gmm-ring", image, particles),  # another kind's default
         ("mnist", particles, image),
@@ -100,7 +123,7 @@ def test_choosing_a_model_gives_its_kinds_batch_unless_the_user_set_one():
         ("gmm-ring", particles, particles),
         ("nope", 5000, 5000),  # unknown: the run names it
     ]:
-        assert interactive.batch_for_model(catalog, model, batch) == shown, (model, batch)
+        assert app_settings.batch_for_model(catalog, model, batch) == shown, (model, batch)
 
 
 def test_the_queue_looks_for_requests_every_10_ms():
@@ -115,12 +138,12 @@ def test_the_queue_looks_for_requests_every_10_ms():
 
 def test_named_rule_sets_the_correction_and_ignores_the_custom_clip():
     catalog = ModelCatalog()
-    experiment = app.build_experiment(catalog, *{**GOOD, "rule": "sc-lookahead", "gamma_min": 0.3}.values())
+    experiment = Settings.from_values(**{**GOOD, "rule": "sc-lookahead", "gamma_min": 0.3}).experiment(catalog)
     assert experiment.stein.lookahead and experiment.stein.noise_level == "cap" and experiment.stein.gamma_min == 1.0
-    default = app.build_experiment(catalog, *dict(app.SETTINGS).values())
+    default = Settings.from_values(**Settings.defaults()).experiment(catalog)
     assert default.stein.trust_region  # the default rule
     assert default.stein.products == "fd" and default.diagnostics.jacobian_mode == "fd"  # the app's fast products
-    by_autograd = app.build_experiment(catalog, *{**GOOD, "products": "vjp"}.values())
+    by_autograd = Settings.from_values(**{**GOOD, "products": "vjp"}).experiment(catalog)
     assert by_autograd.stein.products == "vjp" and by_autograd.diagnostics.jacobian_mode == "vjp2"
 
 
@@ -129,7 +152,7 @@ def test_an_image_reference_takes_one_network_call_a_lattice_step_and_none_for_a
     to 0.002 that is 43 calls, and the final denoising step. The levels of a grid between lattice nodes
     are the 3M steps cut short, from the denoised values the walk kept: another grid costs no call."""
     catalog = ModelCatalog()
-    settings = {**dict(app.SETTINGS), "model": "mnist", "batch": 4, "nfe": 3, "lipschitz": False}
+    settings = {**Settings.defaults(), "model": "mnist", "batch": 4, "nfe": 3, "lipschitz": False}
     model = catalog.get("mnist")
     for change, reference_calls in (({}, 43 + 1), ({"schedule": "logsnr", "nfe": 4}, 0)):
         calls = {}
@@ -138,7 +161,7 @@ def test_an_image_reference_takes_one_network_call_a_lattice_step_and_none_for_a
             hook = model.register_forward_hook(lambda *_, counted=counted: counted.append(1))
             try:
                 call = {**settings, **change, "reference": reference}
-                run_experiment(app.build_experiment(catalog, *call.values()), catalog)
+                run_experiment(Settings.from_values(**call).experiment(catalog), catalog)
             finally:
                 hook.remove()
             calls[reference] = len(counted)
@@ -146,33 +169,33 @@ def test_an_image_reference_takes_one_network_call_a_lattice_step_and_none_for_a
 
 
 def test_image_models_go_to_the_gpu_and_2d_models_stay_on_the_cpu(monkeypatch):
-    """interactive.model_device, as build_experiment applies it when no device is named (DEVICE is what
+    """settings.model_device, as Settings.experiment applies it when no device is named (DEVICE is what
     the app found at import: here, as on a machine with a GPU)."""
-    monkeypatch.setattr(interactive, "DEVICE", "cuda:0")
+    monkeypatch.setattr(app_settings, "DEVICE", "cuda:0")
     catalog = ModelCatalog()
-    assert interactive.model_device(catalog, "mnist") == "cuda:0"
-    assert interactive.model_device(catalog, "gmm-ring") == interactive.model_device(catalog, "nowhere") == "cpu"
-    assert app.build_experiment(catalog, *GOOD.values()).device == "cpu"
-    assert app.build_experiment(catalog, *{**GOOD, "model": "mnist"}.values()).device == "cuda:0"
-    assert app.build_experiment(catalog, *{**GOOD, "model": "mnist"}.values(), device="cpu").device == "cpu"
+    assert app_settings.model_device(catalog, "mnist") == "cuda:0"
+    assert app_settings.model_device(catalog, "gmm-ring") == app_settings.model_device(catalog, "nowhere") == "cpu"
+    assert Settings.from_values(**GOOD).experiment(catalog).device == "cpu"
+    assert Settings.from_values(**{**GOOD, "model": "mnist"}).experiment(catalog).device == "cuda:0"
+    assert Settings.from_values(**{**GOOD, "model": "mnist"}).experiment(catalog, device="cpu").device == "cpu"
     # a hub id the catalog accepts without listing it (as the CLI's does): an image model, for its device
     # and for the interactive budgets alike (nothing is loaded to decide)
-    hub = app.build_experiment(ModelCatalog(any_diffusers=True), *{**GOOD, "model": "diffusers:a/b"}.values())
+    hub = Settings.from_values(**{**GOOD, "model": "diffusers:a/b"}).experiment(ModelCatalog(any_diffusers=True))
     assert hub.device == "cuda:0" and hub.diagnostics.lipschitz_iters == 3 and hub.diagnostics.reference_samples == 4
 
 
 def test_render_and_download_from_a_real_run(tmp_path):
     catalog = ModelCatalog()
-    result = run_experiment(app.build_experiment(catalog, *{**GOOD, "batch": 32}.values()), catalog, app.LIMITS)
-    views = app.render(app.Shown(result, 2))
-    assert views[-1].startswith("step 2 of 5")
+    result = run_experiment(Settings.from_values(**{**GOOD, "batch": 32}).experiment(catalog), catalog, LIMITS)
+    views = render(Shown(result, 2))
+    assert views.label.startswith("step 2 of 5")
     figure = diagnostics_figure(result, 2)
     assert len(figure.data) > 10 and len(particles_figure(result, 2).data) >= 6
     # the L panel spans 1 to 30 at least (its shaded band): ticks labelled in full, 1 among them
     lipschitz_axis = figure.layout.yaxis4
     assert "1" in lipschitz_axis.ticktext
     assert list(lipschitz_axis.ticktext) == [f"{v:g}" for v in lipschitz_axis.tickvals]
-    with zipfile.ZipFile(app.write_download(result, tmp_path)) as archive:
+    with zipfile.ZipFile(write_download(result, tmp_path)) as archive:
         assert {"run.json", "steps.csv"} <= set(archive.namelist())
         assert archive.read("steps.csv").decode().count("\n") == 11  # header + 5 steps x 2 runs
         rows = list(csv.DictReader(io.StringIO(archive.read("particles.csv").decode())))
@@ -183,7 +206,7 @@ def test_render_and_download_from_a_real_run(tmp_path):
     for name, samples in finals.items():  # the final samples, the reference's 32 (of its first 64) among them
         written = torch.tensor([[float(r["x"]), float(r["y"])] for r in rows if r["run"] == name])
         assert len(samples) == 32 and torch.equal(written.to(samples.dtype), samples), name
-    newest = [app.write_download(result, tmp_path, keep=2) for _ in range(3)][-2:]
+    newest = [write_download(result, tmp_path, keep=2) for _ in range(3)][-2:]
     assert sorted(str(next(p.glob("*.zip"))) for p in tmp_path.glob("run-*")) == sorted(newest)  # older ones go
 
 
@@ -192,7 +215,7 @@ def test_each_particle_panel_is_framed_to_its_own_run():
     framed as they are, not drawn as a dot in the scattered run's frame."""
     catalog = ModelCatalog()
     literal = {**GOOD, "solver": "ddim", "nfe": 4, "rule": "stein", "lipschitz": False, "reference": False}
-    result = run_experiment(app.build_experiment(catalog, *literal.values()), catalog, app.LIMITS)
+    result = run_experiment(Settings.from_values(**literal).experiment(catalog), catalog, LIMITS)
     layout = particles_figure(result, 4).layout
     for run, x, y in [
         (result.comparison.vanilla, layout.xaxis, layout.yaxis),
@@ -209,8 +232,8 @@ def test_digit_scores_of_a_run_with_non_finite_samples_are_marked():
     background or ink): the table marks them and says what they measure; the vanilla run's stay unmarked."""
     catalog = ModelCatalog()
     overflow = {"gamma_min": 1e30, "gamma_max": 1e30, "literal": False, "lipschitz": False, "reference": False}
-    settings = {**dict(app.SETTINGS), "model": "mnist", "batch": 8, "solver": "ddim", "nfe": 6, **overflow}
-    result = run_experiment(app.build_experiment(catalog, *{**settings, "rule": "custom"}.values()), catalog)
+    settings = {**Settings.defaults(), "model": "mnist", "batch": 8, "solver": "ddim", "nfe": 6, **overflow}
+    result = run_experiment(Settings.from_values(**{**settings, "rule": "custom"}).experiment(catalog), catalog)
     runs = result.runs()
     assert runs["stein"].nonfinite_samples == 8 and runs["vanilla"].nonfinite_samples == 0
     assert math.isfinite(result.scores["stein"]["fd_mnist"])
@@ -246,7 +269,7 @@ def test_progress_names_the_reference_each_step_and_the_lipschitz_estimates_in_o
     """The progress a client sees (gradio sends the latest every 10 ms): the reference solution of a new seed
     first, at 0, then the runs' steps, then the Lipschitz estimates, never going back."""
     job = Client(server, verbose=False).submit(
-        *{**GOOD, "model": "mnist", "batch": 8, "solver": "ddim", "nfe": 3, "seed": 4242}.values(), api_name="/run"
+        **{**GOOD, "model": "mnist", "batch": 8, "solver": "ddim", "nfe": 3, "seed": 4242}, api_name="/run"
     )
     job.result(timeout=300)
     updates = []
@@ -254,7 +277,7 @@ def test_progress_names_the_reference_each_step_and_the_lipschitz_estimates_in_o
         updates.append(job.communicator.updates.get_nowait())
     units = [unit for update in updates if isinstance(update, StatusUpdate) for unit in update.progress_data or []]
     descs = [desc for desc, _ in itertools.groupby(unit.desc for unit in units)]
-    assert descs[0] == app.PHASE_TEXT["reference"] and descs[-1] == app.PHASE_TEXT["lipschitz"], descs
+    assert descs[0] == PHASE_TEXT["reference"] and descs[-1] == PHASE_TEXT["lipschitz"], descs
     assert set(descs[1:-1]) <= {f"{label}: step {k} of 3" for label in ("vanilla", "stein") for k in (1, 2, 3)}, descs
     assert len(descs) >= 3, descs
     fractions = [unit.progress for unit in units]
@@ -323,7 +346,7 @@ def test_eight_concurrent_requests_are_all_answered_on_the_one_compute_thread(se
         threads.append(threading.current_thread().name)
         return run_experiment(*args, **kwargs)
 
-    monkeypatch.setattr(app, "run_experiment", recording)
+    monkeypatch.setattr(app_session, "run_experiment", recording)
 
     def one(seed: int):
         out = _call(Client(server, verbose=False), seed=seed, batch=32, lipschitz=False)
@@ -354,7 +377,7 @@ def _counted_run(catalog: ModelCatalog, settings: dict) -> tuple:
     counted = []
     hook = catalog.get(settings["model"]).register_forward_hook(lambda *_: counted.append(1))
     try:
-        result = run_experiment(app.build_experiment(catalog, *settings.values()), catalog, app.LIMITS)
+        result = run_experiment(Settings.from_values(**settings).experiment(catalog), catalog, LIMITS)
     finally:
         hook.remove()
     return result, len(counted)
@@ -363,9 +386,9 @@ def _counted_run(catalog: ModelCatalog, settings: dict) -> tuple:
 def test_runs_from_the_same_noise_reuse_the_reference_solution():
     catalog = ModelCatalog()
     settings = {**GOOD, "lipschitz": False}
-    first = run_experiment(app.build_experiment(catalog, *settings.values()), catalog, app.LIMITS)
+    first = run_experiment(Settings.from_values(**settings).experiment(catalog), catalog, LIMITS)
     capped = {**settings, "literal": False, "gamma_max": 1.0}
-    second = run_experiment(app.build_experiment(catalog, *capped.values()), catalog, app.LIMITS)
+    second = run_experiment(Settings.from_values(**capped).experiment(catalog), catalog, LIMITS)
     assert second.comparison.reference is first.comparison.reference  # same grid: the same states
     # a new grid costs the reference no call (the 3M lattice's dense output and its kept denoised floor
     # state); nor does a new batch on the same grid (the same 64 samples). A new seed is a new solve: 3M steps
@@ -386,7 +409,12 @@ def test_runs_from_the_same_noise_reuse_the_reference_solution():
 def test_the_warm_up_leaves_the_first_request_no_reference_to_solve():
     """After the start-up run of the form's defaults, a request with them finds the model loaded and its
     reference solved: the reference adds no network call (on a catalog not warmed up, a whole solve)."""
-    defaults = {**dict(app.SETTINGS), "model": "gmm-ring", "batch": interactive.DEFAULT_BATCH["2d"], "lipschitz": False}
+    defaults = {
+        **Settings.defaults(),
+        "model": "gmm-ring",
+        "batch": app_settings.DEFAULT_BATCH["2d"],
+        "lipschitz": False,
+    }
     solve = math.ceil(math.log(80 / 2e-5) / 0.05) + 1  # as above: the 3M lattice, then D at its floor
 
     def reference_calls(catalog: ModelCatalog) -> int:
@@ -397,7 +425,7 @@ def test_the_warm_up_leaves_the_first_request_no_reference_to_solve():
         return calls[True] - calls[False]
 
     warmed = ModelCatalog()
-    app.warm(warmed, "gmm-ring")  # interactive.warm_up's run, its views drawn, on the compute thread
+    app.warm(warmed, "gmm-ring")  # app_settings.warm_up's run, its views drawn, on the compute thread
     assert reference_calls(warmed) == 0
     assert reference_calls(ModelCatalog()) == solve
     assert app.parse_args([]).warm_up and not app.parse_args(["--no-warm-up"]).warm_up

@@ -6,9 +6,13 @@ from urllib.parse import urlparse
 
 import pytest
 
+from steindiff.app.settings import Settings
+
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
+#: the app as the README shows it, written by the browser test and committed
+SCREENSHOT = Path(__file__).parent.parent / "docs" / "images" / "app.png"
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -81,7 +85,7 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     page.set_viewport_size({"width": 1400, "height": 1700})
     sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mlp-ring")  # state from the URL
     sync_api.expect(page.get_by_label("seed", exact=True)).to_have_value("3")
-    batch = page.get_by_label("batch (2-D: up to 4096 particles; images: up to 256)", exact=True)
+    batch = page.get_by_label(Settings.controls()["batch"].label, exact=True)
     sync_api.expect(batch).to_have_value("2000")  # the link named a 2-D model and no batch
     _choose(page, "model", "mnist")
     sync_api.expect(batch).to_have_value("16")  # the 2-D default became the image one
@@ -93,7 +97,7 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     _choose(page, "Lesson presets", "Stein rescues 3-step Heun (mnist, 5 NFE)")
     sync_api.expect(page.get_by_label("solver", exact=True)).to_have_value("heun")  # the preset has landed
     sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mnist")
-    rule_label = "rule (see README: stein = the paper's literal rule; custom = the clip below)"
+    rule_label = Settings.controls()["rule"].label
     sync_api.expect(page.get_by_label(rule_label, exact=True)).to_have_value("stein")
     page.get_by_role("button", name="Run", exact=True).click()
     try:
@@ -116,6 +120,11 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     assert "solver=heun" in page.url and "model=mnist" in page.url and "seed=3" in page.url and "batch=16" in page.url
     label = page.locator("text=/step \\d+ of 3/").first
     assert "step 3 of 3" in label.inner_text()
+    SCREENSHOT.parent.mkdir(exist_ok=True)  # the README's picture: the page as a first run leaves it
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(SCREENSHOT))
+    page.set_viewport_size({"width": 1400, "height": 1700})
     _scrub_to(page, "Home")
     page.wait_for_selector("text=step 0 of 3", timeout=60_000)
     ARTIFACTS.mkdir(exist_ok=True)

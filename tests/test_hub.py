@@ -249,13 +249,13 @@ def test_app_serves_a_pipeline_from_its_command_line_only(latent_folder):
     url = app.launch(demo, port=free_port(), block=False)
     try:
         client = Client(url, verbose=False)
-        settings = {**dict(app.SETTINGS), "model": name, "batch": 4, "nfe": 3, "lipschitz": True}
-        out = client.predict(*settings.values(), api_name="/run")
+        settings = {"model": name, "batch": 4, "nfe": 3, "lipschitz": True}
+        out = client.predict(**settings, api_name="/run")
         assert "Latent model" in out[0] and out[10]["stein"]["nfe_total"] == 3
         assert out[1] is not None  # the decoded vanilla grid
         other = {**settings, "model": "diffusers:google/ddpm-cifar10-32"}
         with pytest.raises(Exception, match="not in the list of choices"):  # no other hub model
-            client.predict(*other.values(), api_name="/run")
-        assert client.predict(*settings.values(), api_name="/run")[10]["vanilla"]["nfe_total"] == 3
+            client.predict(**other, api_name="/run")
+        assert client.predict(**settings, api_name="/run")[10]["vanilla"]["nfe_total"] == 3
     finally:
         demo.close()

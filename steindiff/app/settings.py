@@ -1,34 +1,53 @@
-"""The app's settings (defaults, server limits) and their validation into an Experiment.
+"""The app's settings, listed once: each field's type, default, limits, form control and help.
 
-No gradio here: the app, its /run endpoint, scripts and machines without gradio share one definition.
+One frozen dataclass, :class:`Settings`, drives the form, the ``/run`` endpoint's keyword parameters, the URL
+state, the presets and the validation into an :class:`~steindiff.experiment.Experiment`. No gradio here: the
+app, its ``/run`` endpoint, scripts and machines without gradio share one definition.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, get_args
 
 import torch
 
-from steindiff.correction.rule import CUSTOM_VARIANT, DEFAULT_VARIANT, stein_config
-from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL
+from steindiff.correction.rule import (
+    CUSTOM_VARIANT,
+    DEFAULT_VARIANT,
+    PROBE_PRODUCTS,
+    STEIN_VARIANTS,
+    Coords,
+    GammaVariant,
+    ProbeKind,
+    stein_config,
+)
+from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL, ModelKind
 from steindiff.experiment import Experiment, ExperimentResult, ModelCatalog, run_experiment
 from steindiff.limits import Limits
 from steindiff.records import DiagnosticsConfig
+from steindiff.schedules import SCHEDULES
+from steindiff.solvers import SOLVERS
 
 __all__ = [
     "CUSTOM_RULE",
+    "DEFAULT_BATCH",
     "DEFAULT_RULE",
     "DEVICE",
     "LIMITS",
-    "SETTINGS",
+    "Control",
+    "Settings",
     "batch_for_model",
-    "build_experiment",
     "default_model",
     "model_device",
+    "step_from_link",
     "warm_up",
 ]
 
+#: what one request to the shared server may ask for
 LIMITS = Limits(max_nfe=100, max_batch=4096, max_image_batch=256, max_probes=16, max_lipschitz_samples=64)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEFAULT_RULE = DEFAULT_VARIANT
@@ -37,41 +56,216 @@ CUSTOM_RULE = CUSTOM_VARIANT
 
 #: the batch the form offers for each kind of model: 16 samples of an image model (as /run's default), 2,000
 #: particles of a 2-D one, enough to draw its distribution and steady the rule's batch statistics
-DEFAULT_BATCH: dict[str, int] = {"image": 16, "2d": 2000}
+DEFAULT_BATCH: dict[ModelKind, int] = {"image": 16, "2d": 2000}
 
-#: (name, default) of the settings, in the order of the /run endpoint's parameters and of the URL
-SETTINGS: list[tuple[str, Any]] = [
-    ("model", DEFAULT_IMAGE_MODEL),
-    ("solver", "dpmpp_2m"),
-    ("schedule", "karras"),
-    ("nfe", 5),
-    ("batch", DEFAULT_BATCH["image"]),
-    ("seed", 0),
-    ("stein_on", True),
-    ("gamma_min", 0.1),
-    ("gamma_max", 1.0),
-    ("literal", True),
-    ("rule", DEFAULT_RULE),
-    # K = 1, as in the benchmark sweeps. At batch 16 a second probe changed no view in kind: over the presets
-    # and seeds 0-2, every applied gamma within 6% and FD-MNIST within 8% (between seeds it moves by 20%);
-    # with one probe each sampling call is at batch 32 instead of 48.
-    ("probes", 1),
-    ("probe", "rademacher"),
-    ("products", "fd"),
-    ("coords", "edm"),
-    ("variant", "batch"),
-    ("lipschitz", True),
-    ("reference", True),
-]
+Widget = Literal["dropdown", "slider", "number", "checkbox", "radio"]
+#: where a control sits on the form: the run's own settings, the correction's, its custom clip, the diagnostics
+Group = Literal["run", "stein", "custom", "diagnostics"]
+
+
+@dataclass(frozen=True)
+class Control:
+    """How the form shows one setting, and what it accepts.
+
+    ``choices`` None: any value of the field's type (the model's choices are the server's catalog); ``low``
+    and ``high`` bound a number; ``whole`` numbers are integers.
+    """
+
+    label: str
+    widget: Widget
+    group: Group = "run"
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    whole: bool = False
+
+
+def _setting(default: Any, control: Control) -> Any:
+    return field(default=default, metadata={"control": control})
+
+
+def _choices(kind: Any) -> tuple[str, ...]:
+    return get_args(kind)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the form sets for one comparison, in the form's order (and the ``/run`` parameters')."""
+
+    model: str = _setting(DEFAULT_IMAGE_MODEL, Control("model", "dropdown"))
+    solver: str = _setting("dpmpp_2m", Control("solver", "dropdown", choices=tuple(s for s in SOLVERS if s != "euler")))
+    schedule: str = _setting("karras", Control("schedule", "dropdown", choices=tuple(SCHEDULES)))
+    nfe: int = _setting(5, Control("NFE (network evaluations)", "slider", low=1, high=LIMITS.max_nfe, whole=True))
+    batch: int = _setting(
+        DEFAULT_BATCH["image"],
+        Control(
+            f"batch (2-D: up to {LIMITS.max_batch} particles; images: up to {LIMITS.max_image_batch})",
+            "number",
+            low=1,
+            whole=True,
+        ),
+    )
+    seed: int = _setting(0, Control("seed", "number", low=0, whole=True))
+    stein_on: bool = _setting(True, Control("run the corrected sampler beside vanilla", "checkbox", "stein"))
+    rule: str = _setting(
+        DEFAULT_RULE,
+        Control(
+            "rule (stein = the paper's literal rule; custom = the clip below)",
+            "dropdown",
+            "stein",
+            choices=(*STEIN_VARIANTS, CUSTOM_RULE),
+        ),
+    )
+    literal: bool = _setting(True, Control("custom: no upper clip (gamma_max = inf)", "checkbox", "custom"))
+    gamma_min: float = _setting(0.1, Control("custom: gamma_min", "number", "custom"))
+    gamma_max: float = _setting(1.0, Control("custom: gamma_max (when not literal)", "number", "custom"))
+    # K = 1, as in the benchmark sweeps: a second probe changed no view in kind at batch 16, and it makes each
+    # sampling call a third larger (docs/design.md)
+    probes: int = _setting(
+        1, Control("Hutchinson probes K", "slider", "stein", low=1, high=LIMITS.max_probes, whole=True)
+    )
+    probe: str = _setting("rademacher", Control("probe", "radio", "stein", choices=_choices(ProbeKind)))
+    products: str = _setting(
+        "fd",
+        Control(
+            "Jacobian products (probes and Lipschitz): vjp = autograd, fd = forward differences",
+            "radio",
+            "stein",
+            choices=PROBE_PRODUCTS,
+        ),
+    )
+    coords: str = _setting("edm", Control("coordinates of the combination", "radio", "stein", choices=_choices(Coords)))
+    variant: str = _setting("batch", Control("gamma from", "radio", "stein", choices=_choices(GammaVariant)))
+    lipschitz: bool = _setting(True, Control("local Lipschitz estimates", "checkbox", "diagnostics"))
+    reference: bool = _setting(True, Control("error to the reference solution", "checkbox", "diagnostics"))
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The settings' names, in order."""
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each setting's default, by name."""
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
+    def controls(cls) -> dict[str, Control]:
+        """Each setting's form control, by name."""
+        return {f.name: f.metadata["control"] for f in fields(cls)}
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        """The settings as keyword parameters (named, typed by their defaults, defaulted): the ``/run``
+        endpoint's signature."""
+        keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        return [inspect.Parameter(k, keyword, default=v, annotation=type(v)) for k, v in cls.defaults().items()]
+
+    @classmethod
+    def from_values(cls, **values: Any) -> Settings:
+        """Settings from the form's or a caller's values (missing ones default); ValueError names a number that
+        is missing, not a number, or not whole where it must be."""
+        unknown = set(values) - set(cls.names())
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        merged = {**cls.defaults(), **values}
+        for name, control in cls.controls().items():
+            if control.widget not in ("number", "slider"):
+                continue
+            value = merged[name]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                raise ValueError(f"{name} must be a number, got {value}")
+            if control.whole:
+                if float(value) != int(value):
+                    raise ValueError(f"{name} must be a whole number, got {value}")
+                merged[name] = int(value)
+            else:
+                merged[name] = float(value)
+        return cls(**merged)
+
+    @classmethod
+    def from_link(cls, params: Mapping[str, str], models: Sequence[str], first_model: str) -> dict[str, Any]:
+        """The settings a link's query names, each read as its default's type. A value that does not read, or
+        that the form does not offer, gives the default: a mistyped link, or a bare '+' (which reads as a
+        space)."""
+        state = {}
+        defaults = cls.defaults()
+        for name, control in cls.controls().items():
+            if name not in params:
+                continue
+            default = defaults[name]
+            offered, fallback = (models, first_model) if name == "model" else (control.choices, default)
+            try:
+                text = params[name]
+                value = (text.lower() == "true") if isinstance(default, bool) else type(default)(text)
+            except ValueError:
+                value = fallback
+            state[name] = value if offered is None or value in offered else fallback
+        return state
+
+    def experiment(self, catalog: ModelCatalog, device: str | None = None) -> Experiment:
+        """These settings as an Experiment at the server's interactive budgets; ValueError names a bad setting.
+
+        ``rule`` names a correction of :data:`steindiff.correction.rule.STEIN_VARIANTS` (its clip and
+        safeguards), or "custom": the clip from ``gamma_min``, ``gamma_max`` and ``literal``, with no safeguard.
+        ``device`` defaults to :func:`model_device`'s choice. The Experiment is checked against
+        :data:`LIMITS` when it runs.
+        """
+        image = _serves_images(catalog, self.model)
+        stein = stein_config(
+            self.rule,
+            gamma_min=float(self.gamma_min),
+            gamma_max=math.inf if self.literal else float(self.gamma_max),
+            probes=int(self.probes),
+            probe=self.probe,
+            products=self.products,
+            coords=self.coords,
+            variant=self.variant,
+        )
+        # interactive budgets: a few samples for the Lipschitz estimates, a subset for the reference error.
+        # The reference takes DPM-Solver++(3M) steps (one call a step), finished at the network's sigma_min by
+        # the solvers' own final denoising step for images: its accuracy on each model is in docs/design.md.
+        diagnostics = DiagnosticsConfig(
+            lipschitz=bool(self.lipschitz),
+            lipschitz_samples=4,
+            lipschitz_iters=3 if image else 20,
+            jacobian_mode="fd" if self.products == "fd" else "vjp2",
+            flow_log_step=0.25,
+            reference=bool(self.reference),
+            reference_samples=4 if image else 64,
+            reference_method="dpmpp_3m",
+            reference_log_step=0.25 if image else 0.05,
+            reference_floor_ratio=1.0 if image else 0.01,
+        )
+        return Experiment(
+            model=self.model,
+            solver=self.solver,
+            schedule=self.schedule,
+            nfe=int(self.nfe),
+            batch=int(self.batch),
+            seed=int(self.seed),
+            stein=stein if self.stein_on else None,
+            diagnostics=diagnostics,
+            device=device or model_device(catalog, self.model),
+        )
+
+
+def step_from_link(params: Mapping[str, str]) -> int | None:
+    """The step a link opens its first run at (``step=k``, a whole number from 0), or None: its last."""
+    text = params.get("step", "")
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def batch_for_model(catalog: ModelCatalog, model: str, batch: float | None) -> float | None:
     """The batch the form shows once ``model`` is chosen: ``batch`` where the user set it, the model kind's
     default (:data:`DEFAULT_BATCH`) where it is another kind's default, empty or over this kind's limit.
-    Unknown models leave it as it is (the run's check names them)."""
+    Unknown models, and models whose weights do not load, leave it as it is (the run says why)."""
     if not catalog.accepts(model):
         return batch
-    kind = catalog.kind(model)
+    try:
+        kind = catalog.kind(model)  # a registry or hub model's is known without loading it
+    except ValueError:
+        return batch
     others = {value for other, value in DEFAULT_BATCH.items() if other != kind}
     if batch is None or batch in others or not 1 <= batch <= LIMITS.batch_limit(kind):
         return DEFAULT_BATCH[kind]
@@ -85,21 +279,18 @@ def default_model() -> str:
 
 def warm_up(catalog: ModelCatalog, model: str) -> ExperimentResult:
     """One run of the form's defaults on ``model``, at the batch the form shows for it, as a server's first
-    request would make it: the model is loaded, the first calls' costs at each shape (on the CPU, oneDNN's
-    kernels for each batch; on a GPU, the context and cuDNN's choices) are paid, and the default seed's
-    reference solution is cached in ``catalog``.
-    The app's start-up runs it (docs/app-performance.md: on the 2-core CPU the first request then took 4.7 s,
-    as the next did, instead of 8.4-8.8 s)."""
-    settings = {**dict(SETTINGS), "model": model}
-    settings["batch"] = batch_for_model(catalog, model, settings["batch"])
-    return run_experiment(build_experiment(catalog, *settings.values()), catalog, LIMITS)
+    request would make it: the model is loaded, the first calls' costs at each shape (kernel choices, on a GPU
+    the context) are paid, and the default seed's reference solution is cached in ``catalog``, so that the
+    first request costs what the next ones do (docs/app-performance.md)."""
+    settings = Settings(model=model)
+    settings = replace(settings, batch=int(batch_for_model(catalog, model, settings.batch)))
+    return run_experiment(settings.experiment(catalog), catalog, LIMITS)
 
 
 def model_device(catalog: ModelCatalog, model: str) -> str:
-    """Where the app runs ``model``: an image model on :data:`DEVICE` (the GPU when there is one), a 2-D
-    model on the CPU. A 2-D run is many small operations on a few thousand points, which a GPU serves slower:
-    the app's gmm-ring run (2,000 particles, NFE 5) took 0.59-0.69 s on an H200 and 0.24-0.27 s on this
-    project's 2-core CPU (docs/results.md, 'On a GPU')."""
+    """Where the app runs ``model``: an image model on :data:`DEVICE` (the GPU when there is one), a 2-D model
+    on the CPU, since a run of many small operations on a few thousand points is slower on a GPU
+    (docs/design.md)."""
     return DEVICE if _serves_images(catalog, model) else "cpu"
 
 
@@ -107,98 +298,3 @@ def _serves_images(catalog: ModelCatalog, model: str) -> bool:
     """Whether ``catalog`` accepts ``model`` and it is an image model (unknown names: False; the
     Experiment's check names them)."""
     return catalog.accepts(model) and catalog.kind(model) == "image"
-
-
-def build_experiment(
-    catalog: ModelCatalog,
-    model: str,
-    solver: str,
-    schedule: str,
-    nfe: float,
-    batch: float,
-    seed: float,
-    stein_on: bool,
-    gamma_min: float,
-    gamma_max: float,
-    literal: bool,
-    rule: str,
-    probes: float,
-    probe: str,
-    products: str,
-    coords: str,
-    variant: str,
-    lipschitz: bool,
-    reference: bool,
-    device: str | None = None,
-) -> Experiment:
-    """The settings of the form (or of the /run call) as a validated Experiment; ValueError names the problem.
-
-    ``rule`` names a correction of :data:`steindiff.correction.rule.STEIN_VARIANTS` (its clip and safeguards), or
-    "custom": the clip from ``gamma_min``, ``gamma_max`` and ``literal``, with no safeguard. ``products``
-    ("vjp", "vjp-batched" or "fd") sets how the Hutchinson probes and the Lipschitz estimates take their
-    Jacobian products: autograd, or forward differences (one forward a product, no backward pass).
-    ``device`` defaults to :func:`model_device`'s choice.
-    """
-    numbers = {
-        "nfe": nfe,
-        "batch": batch,
-        "seed": seed,
-        "probes": probes,
-        "gamma_min": gamma_min,
-        "gamma_max": gamma_max,
-    }
-    for name, value in numbers.items():
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise ValueError(f"{name} must be a number, got {value}")
-    for name in ("nfe", "batch", "seed", "probes"):
-        if float(numbers[name]) != int(numbers[name]):
-            raise ValueError(f"{name} must be a whole number, got {numbers[name]}")
-    image = _serves_images(catalog, model)
-    stein = stein_config(
-        rule,
-        gamma_min=float(gamma_min),
-        gamma_max=math.inf if literal else float(gamma_max),
-        probes=int(probes),
-        probe=probe,
-        products=products,
-        coords=coords,
-        variant=variant,
-    )
-    # interactive budgets: a few samples for the Lipschitz estimates, a subset for the reference error
-    diagnostics = DiagnosticsConfig(
-        lipschitz=bool(lipschitz),
-        lipschitz_samples=4,
-        lipschitz_iters=3 if image else 20,
-        jacobian_mode="fd" if products == "fd" else "vjp2",
-        flow_log_step=0.25,
-        reference=bool(reference),
-        reference_samples=4 if image else 64,
-        # images: DPM-Solver++(3M) steps of 0.25 in log sigma (43 network calls from 80 to 0.002), finished at
-        # the network's sigma_min by the solvers' own final denoising step. On mnist (8 samples, against the
-        # 0.02-step RK4 solution, on Karras NFE 5 and 10 and logSNR NFE 5 grids) the final states land 0.19
-        # away and 0.21 at most along the way; RK4 steps of 0.5 (88 calls) land 0.15 away and 0.49 along
-        # the way (at sigma = 17.5, where states have norm about 500); 3M steps of 0.33 (32 calls) 0.30.
-        # Vanilla DPM-Solver++(2M)'s err_ref there is about 7 (docs/results.md). The network's noise
-        # embedding oscillates in log sigma, so finer steps hardly help (README, known issues).
-        # 2-D: 3M steps of 0.05 down to 0.01 sigma_min (306 calls; RK4 steps of 0.1 took 613). On the three
-        # mixtures (64 samples, seeds 0 and 1, Karras NFE 5 and 32, logSNR NFE 10), against a 0.0125-step
-        # RK4 solution in float64: at most 4.3e-5 along the way and 2.2e-5 at the end (RK4's 3.5e-5 and
-        # 2.9e-6; both near float32's rounding, states of norm about 100), where DPM-Solver++(2M) ends
-        # 6.6e-3 to 1.9e-2 away at NFE 32. For the trained MLPs (mlp-ring, mlp-moons) both are limited by the
-        # network: 4.6e-4 to 9.1e-4 at the end (RK4: 6.1e-4 to 1.1e-3), at most 6.1e-3 along the way (RK4:
-        # 4.8e-3). A new grid then costs the reference no call (RK4's: four).
-        reference_method="dpmpp_3m",
-        reference_log_step=0.25 if image else 0.05,
-        reference_floor_ratio=1.0 if image else 0.01,
-    )
-    return Experiment(
-        model=model,
-        solver=solver,
-        schedule=schedule,
-        nfe=int(nfe),
-        batch=int(batch),
-        seed=int(seed),
-        stein=stein if stein_on else None,
-        diagnostics=diagnostics,
-        device=device or model_device(catalog, model),
-    )

@@ -1,0 +1,62 @@
+"""One server's runs: settings in, every output of a run out (plain values; gradio wraps them in app.py)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steindiff.app.download import write_download
+from steindiff.app.plots import summary_markdown
+from steindiff.app.progress import ProgressPlan
+from steindiff.app.settings import LIMITS, Settings
+from steindiff.app.views import Shown, Views, page_summary, render
+from steindiff.experiment import ModelCatalog, run_experiment
+
+__all__ = ["Outcome", "Session"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run gives the page: the summary table, the views at the shown step, the JSON and the download."""
+
+    summary: str
+    views: Views
+    shown: Shown
+    summary_json: dict[str, Any]
+    download: str
+
+
+class Session:
+    """Runs settings on a catalog's models, writing each run's download under a folder of its own."""
+
+    def __init__(self, catalog: ModelCatalog):
+        self.catalog = catalog
+        self.downloads = Path(tempfile.mkdtemp(prefix="steindiff-downloads-"))
+
+    def run(
+        self, values: dict[str, Any], linked: int | None = None, progress: Callable[[float, str], None] | None = None
+    ) -> Outcome:
+        """Run the settings ``values`` (by name; missing ones default) at the server's :data:`LIMITS`; ValueError
+        names a bad setting, or weights that do not load. ``linked``: the step to show (a link's; None or beyond
+        the run: its last). ``progress(fraction, description)`` follows the run's parts."""
+        experiment = Settings.from_values(**values).experiment(self.catalog)
+        plan = ProgressPlan(experiment)
+        report = progress or (lambda fraction, text: None)
+        result = run_experiment(
+            experiment,
+            self.catalog,
+            LIMITS,
+            callback=lambda label, record: report(*plan.step(label, record)),
+            on_phase=lambda phase: report(*plan.phase(phase)),
+        )
+        shown = Shown.at(result, linked)
+        return Outcome(
+            summary_markdown(result),
+            render(shown),
+            shown,
+            page_summary(result),
+            write_download(result, self.downloads),
+        )
