@@ -147,6 +147,7 @@ def test_named_rule_sets_the_correction_and_ignores_the_custom_clip():
     assert by_autograd.stein.products == "vjp" and by_autograd.diagnostics.jacobian_mode == "vjp2"
 
 
+@pytest.mark.slow
 def test_an_image_reference_takes_one_network_call_a_lattice_step_and_none_for_a_new_grid():
     """The app solves an image model's reference with DPM-Solver++(3M) steps of 0.25 in log sigma: from 80
     to 0.002 that is 43 calls, and the final denoising step. The levels of a grid between lattice nodes
@@ -227,6 +228,7 @@ def test_each_particle_panel_is_framed_to_its_own_run():
     assert layout.xaxis2.range[1] > 10 * layout.xaxis.range[1]
 
 
+@pytest.mark.slow
 def test_digit_scores_of_a_run_with_non_finite_samples_are_marked():
     """A run that overflows at its second step still gets digit scores (its non-finite pixels scored as
     background or ink): the table marks them and says what they measure; the vanilla run's stay unmarked."""
@@ -265,6 +267,7 @@ def test_good_run_over_the_api(server):
     assert out[7] is not None  # the diagnostics figure
 
 
+@pytest.mark.slow
 def test_progress_names_the_reference_each_step_and_the_lipschitz_estimates_in_order(server):
     """The progress a client sees (gradio sends the latest every 10 ms): the reference solution of a new seed
     first, at 0, then the runs' steps, then the Lipschitz estimates, never going back."""
@@ -339,6 +342,7 @@ def test_nan_sent_as_raw_json_is_refused_by_the_server(server):
     assert _call(Client(server, verbose=False), batch=16, lipschitz=False)[10]["vanilla"]["nfe_total"] == 5
 
 
+@pytest.mark.slow
 def test_eight_concurrent_requests_are_all_answered_on_the_one_compute_thread(server, monkeypatch):
     threads = []
 
@@ -431,6 +435,7 @@ def test_the_warm_up_leaves_the_first_request_no_reference_to_solve():
     assert app.parse_args([]).warm_up and not app.parse_args(["--no-warm-up"]).warm_up
 
 
+@pytest.mark.slow
 def test_a_warm_up_on_a_corrupt_model_is_reported_and_the_server_still_serves(tmp_path, capsys):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")

@@ -75,6 +75,7 @@ def _choose(page, label: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
+@pytest.mark.slow
 def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     errors, outside = _watch(page)
     page.set_viewport_size({"width": 1400, "height": 800})  # a laptop's window, shorter than the form
@@ -170,6 +171,7 @@ def _assert_readable(page) -> None:
         assert all(_disjoint(a, b) for i, a in enumerate(titles) for b in titles[i + 1 :]), plot
 
 
+@pytest.mark.slow
 def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber(server, page):
     errors, outside = _watch(page)
     page.set_viewport_size({"width": 1100, "height": 1700})  # a small laptop's window

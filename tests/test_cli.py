@@ -27,6 +27,7 @@ EXAMPLE = [
 REQUIRED = {"sigma", "sigma_next", "gamma_raw", "gamma", "s_xu", "s_uu", "s_div", "lipschitz_max", "err_ref", "nfe"}
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_as_a_module(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -62,6 +63,7 @@ def test_capped_run_records_what_the_correction_did(tmp_path, capsys):
     assert all(step["lipschitz_max"] is None for step in data["stein"]["trace"])
 
 
+@pytest.mark.slow
 def test_lipschitz_batch_changes_the_grouping_not_the_estimates(tmp_path, capsys):
     traces = []
     for size in ("4", "64"):

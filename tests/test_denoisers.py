@@ -102,6 +102,7 @@ def test_registry_and_nfe_counter():
     assert model.nfe == 3
 
 
+@pytest.mark.slow
 def test_empirical_mnist_ships_offline():
     model = load_model("empirical-mnist")
     assert model.points.shape == (5000, 784) and model.event_shape == (1, 28, 28)

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import gradio
+import pytest
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,7 @@ demo.close()
 """
 
 
+@pytest.mark.slow
 def test_a_stripped_wheel_loses_the_front_end_and_its_record_lines_and_still_installs(tmp_path):
     wheel = tmp_path / "gradio-0.1-py3-none-any.whl"
     files = {
@@ -63,6 +65,7 @@ def test_a_stripped_wheel_loses_the_front_end_and_its_record_lines_and_still_ins
     assert not (target / "gradio" / "templates" / "node").exists()
 
 
+@pytest.mark.slow
 def test_gradio_without_its_front_end_still_serves_its_api(tmp_path):
     """The installed gradio, less what the wheel loses, launches and answers gradio_client."""
     installed = Path(gradio.__file__).parent

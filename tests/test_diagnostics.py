@@ -143,6 +143,7 @@ def test_reference_matches_the_closed_form_flow_of_a_gaussian():
         assert torch.allclose(state, mu + (x - mu) @ gain.T, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_reference_has_converged(ring_states):
     model, sigmas, states = ring_states
     coarse = reference_trajectory(model, states[0], sigmas)
@@ -150,6 +151,7 @@ def test_reference_has_converged(ring_states):
     assert max(float((a - b).abs().max()) for a, b in zip(coarse, fine, strict=True)) < 1e-6
 
 
+@pytest.mark.slow
 def test_forward_difference_krylov_matches_the_double_vjp_on_the_unet():
     model = load_model("mnist")
     sigmas = make_sigmas("karras", 4, model.sigma_min, model.sigma_max).tolist()

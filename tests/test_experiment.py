@@ -13,6 +13,7 @@ from steindiff.experiment import Experiment, ModelCatalog, run_experiment
 from steindiff.records import DiagnosticsConfig
 
 
+@pytest.mark.slow
 def test_image_runs_are_channels_last_on_the_cpu_unless_they_need_functorch():
     catalog = ModelCatalog()
     model = catalog.get("mnist", "cpu")

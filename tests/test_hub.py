@@ -68,6 +68,7 @@ def _vp_start(x_vp: torch.Tensor, sigma: float) -> torch.Tensor:
     return x_vp * math.sqrt(1 + sigma * sigma)  # x = x_vp / alpha
 
 
+@pytest.mark.slow
 def test_ddim_on_the_discrete_timesteps_reproduces_diffusers_loop(pixel_folder):
     model = load_diffusers(str(pixel_folder))
     unet = diffusers.UNet2DModel.from_pretrained(pixel_folder, subfolder="unet", use_safetensors=True)
@@ -168,6 +169,7 @@ def test_sigma_to_t_inverts_the_table_and_clamps(pixel_folder):
     assert float(model.sigma_to_t(torch.tensor([1e6]))) == 999.0
 
 
+@pytest.mark.slow
 def test_double_vjp_lipschitz_matches_the_full_jacobian_through_attention(pixel_folder):
     model = load_diffusers(str(pixel_folder))
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2.0
@@ -222,6 +224,7 @@ def test_an_uncached_hub_id_offline_says_what_to_download(monkeypatch):
         load_diffusers("google/ddpm-cifar10-32")
 
 
+@pytest.mark.slow
 def test_cli_samples_and_benches_a_latent_pipeline_offline(latent_folder, tmp_path, capsys):
     from steindiff.cli import main
 
@@ -238,6 +241,7 @@ def test_cli_samples_and_benches_a_latent_pipeline_offline(latent_folder, tmp_pa
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_app_serves_a_pipeline_from_its_command_line_only(latent_folder):
     from conftest import free_port
     from gradio_client import Client

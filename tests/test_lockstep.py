@@ -59,6 +59,7 @@ def test_lockstep_batches_the_calls_and_matches_the_maps_run_alone():
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_gradients_flow_through_the_lockstep():
     model, maps, xs = _maps_and_states()
     weights = [
@@ -104,6 +105,7 @@ def test_a_failing_map_or_denoiser_call_raises_on_the_caller_and_hangs_nothing()
         lockstep(model, maps, [1, 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "products"), [("fd", "fd"), ("vjp2", "vjp")])  # the app's and the CLI's
 def test_lipschitz_estimates_do_not_depend_on_how_the_maps_are_grouped(mode, products):
     model = load_model("mnist").double()  # float64: the batch composition changes float32's rounding
@@ -126,6 +128,7 @@ def test_lipschitz_estimates_do_not_depend_on_how_the_maps_are_grouped(mode, pro
     assert all(r.diagnostics_time_s > 0 for r in results[1].vanilla.trace)
 
 
+@pytest.mark.slow
 def test_the_exact_flows_constants_are_their_jacobians_norms_however_the_flows_are_grouped():
     """The exact flows (gmm-ring) are walked side by side in one group, or each alone: the same constants,
     the spectral norms of each flow's Jacobian at the run's states, taken by autograd sample by sample."""
@@ -150,6 +153,7 @@ def test_the_exact_flows_constants_are_their_jacobians_norms_however_the_flows_a
             assert record.lipschitz_flow_max == pytest.approx(float(max(norms)), rel=1e-9), k
 
 
+@pytest.mark.slow
 def test_the_denoiser_is_estimated_along_a_step_whose_one_call_is_at_its_input():
     """DDIM's one network call is D at the step's input: the denoiser's estimate comes from the step's calls,
     on its Krylov space, with no map of its own, and the step's estimate stays under the paper's bound from

@@ -19,6 +19,7 @@ def test_frechet_distance_closed_form():
     assert frechet_distance(torch.zeros(d), eye, m, 4 * eye) == pytest.approx(float(m @ m) + d)
 
 
+@pytest.mark.slow
 def test_classifier_reaches_its_reported_held_out_accuracy(classifier):
     images, labels = load_mnist()
     _, held = split_indices(labels)
@@ -28,6 +29,7 @@ def test_classifier_reaches_its_reported_held_out_accuracy(classifier):
     assert accuracy >= 0.95 and len(held) == 500
 
 
+@pytest.mark.slow
 def test_fd_orders_data_blur_and_noise(classifier):
     images = load_mnist()[0]
     subset = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:1000]]
@@ -42,6 +44,7 @@ def test_fd_orders_data_blur_and_noise(classifier):
     assert sum(real.class_counts) == 1000
 
 
+@pytest.mark.slow
 def test_non_finite_samples_are_scored_not_crashed(classifier):
     x = load_mnist()[0][:10].clone()
     x[0] = float("nan")

@@ -43,6 +43,7 @@ def test_states_on_any_grid_match_integrating_along_that_grid(ring, schedule, st
         assert torch.allclose(ours, theirs, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_one_solution_serves_every_grid_in_four_batched_calls(ring):
     model, x, _ = ring
     flow = solve_flow(model, x, model.sigma_max, model.sigma_min * 0.01, 0.025)  # no grid asked of it yet

@@ -55,6 +55,7 @@ def _dpmpp_3m_slope_from_exact_start(model, x, d2_weight):
     return math.log(errors[0] / errors[1]) / math.log(2)
 
 
+@pytest.mark.slow
 def test_dpmpp_3m_order_reference_formula_and_taylor_weight(ring_problem):
     """The reference codes' 3M update is second order; weight 2 on its D2 term makes it third order."""
     model, x, _ = ring_problem

@@ -19,6 +19,7 @@ def _noisy(x0, sigma, seed=0):
     return x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma", [0.1, 0.5, 2.0])
 def test_mnist_weights_denoise_better_than_the_identity(sigma):
     model = load_model("mnist")
@@ -30,6 +31,7 @@ def test_mnist_weights_denoise_better_than_the_identity(sigma):
     assert model.info["parameters"] == sum(p.numel() for p in model.network.parameters())
 
 
+@pytest.mark.slow
 def test_mnist_samples_at_high_nfe_are_confidently_recognised_digits():
     """The model card's check on 64 of its 1,000 samples: Heun at 35 NFE (card: confidence 0.915)."""
     model = load_model("mnist")
@@ -74,6 +76,7 @@ def _tiny_mlp(tmp_path):
     return tmp_path / "good.safetensors"
 
 
+@pytest.mark.slow
 def test_large_cpu_batches_go_through_the_unet_in_chunks_with_the_same_values():
     model = load_model("mnist")
     x = initial_noise(150, model.event_shape, 1.0, seed=4).requires_grad_(True)  # 3 chunks, the last partial
