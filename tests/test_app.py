@@ -20,10 +20,13 @@ import app
 from steindiff.app import session as app_session
 from steindiff.app import settings as app_settings
 from steindiff.app.download import write_download
-from steindiff.app.plots import _log_ticks, diagnostics_figure, particles_figure, summary_markdown
+from steindiff.app.layout import log_ticks
+from steindiff.app.panels import diagnostics_figure
+from steindiff.app.particles import particles_figure
 from steindiff.app.presets import PRESETS
 from steindiff.app.progress import PHASE_TEXT
 from steindiff.app.settings import LIMITS, Settings, step_from_link
+from steindiff.app.summary import summary_markdown
 from steindiff.app.views import Shown, render
 from steindiff.experiment import ModelCatalog, run_experiment
 
@@ -255,7 +258,7 @@ def test_digit_scores_of_a_run_with_non_finite_samples_are_marked():
     ],
 )
 def test_log_axes_over_a_few_decades_label_their_ticks_in_full(values, texts):
-    ticks = _log_ticks(values)
+    ticks = log_ticks(values)
     assert (ticks[1] if ticks else None) == texts
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steindiff import initial_noise, load_model
-from steindiff.app.plots import _moves, summary_markdown
+from steindiff.app.summary import _moves, summary_markdown
 from steindiff.correction.rule import SteinConfig
 from steindiff.denoisers import prepare_for_device
 from steindiff.experiment import Experiment, ModelCatalog, run_experiment

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import shutil
@@ -9,11 +11,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from steindiff.app.plots import image_views, particles_csv, steps_csv
+from steindiff.app.views import image_views
 from steindiff.experiment import ExperimentResult
 from steindiff.images import save_png, side_by_side
 
-__all__ = ["write_download"]
+__all__ = ["particles_csv", "steps_csv", "write_download"]
 
 
 def write_download(result: ExperimentResult, downloads: Path, keep: int = 32) -> str:
@@ -40,3 +42,31 @@ def write_download(result: ExperimentResult, downloads: Path, keep: int = 32) ->
         else:
             archive.writestr("particles.csv", particles_csv(result))
     return str(path)
+
+
+def particles_csv(result: ExperimentResult) -> str:
+    """A 2-D run's final samples as CSV (run, sample, x, y): each run's, then the reference solution's for
+    its first samples; float32 written to 9 significant digits, which give it back exactly."""
+    finals = {name: run.samples for name, run in result.runs().items()}
+    if result.comparison.reference is not None:
+        finals["reference"] = result.comparison.reference[-1]
+    rows = (
+        f"{name},{index},{x:.9g},{y:.9g}\n"
+        for name, samples in finals.items()
+        for index, (x, y) in enumerate(samples.tolist())
+    )
+    return "run,sample,x,y\n" + "".join(rows)
+
+
+def steps_csv(result: ExperimentResult) -> str:
+    """The per-step trace of every run as CSV (one row per run and step)."""
+    buffer = io.StringIO()
+    writer = None
+    for name, run in result.runs().items():
+        for record in run.trace:
+            row = {"run": name, **record.as_dict()}
+            if writer is None:
+                writer = csv.DictWriter(buffer, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+    return buffer.getvalue()

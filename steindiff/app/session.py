@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from steindiff.app.download import write_download
-from steindiff.app.plots import summary_markdown
 from steindiff.app.progress import ProgressPlan
 from steindiff.app.settings import LIMITS, Settings
+from steindiff.app.summary import summary_markdown
 from steindiff.app.views import Shown, Views, page_summary, render
 from steindiff.experiment import ModelCatalog, run_experiment
 

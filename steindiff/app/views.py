@@ -8,10 +8,12 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from steindiff.app.plots import diagnostics_figure, image_views, particles_figure
+from steindiff.app.panels import diagnostics_figure
+from steindiff.app.particles import particles_figure
 from steindiff.experiment import ExperimentResult
+from steindiff.images import image_grid
 
-__all__ = ["Shown", "Views", "page_summary", "render"]
+__all__ = ["Shown", "Views", "image_views", "page_summary", "render"]
 
 
 @dataclass
@@ -83,3 +85,14 @@ def page_summary(result: ExperimentResult) -> dict[str, Any]:
     for name in result.runs():
         summary[name].pop("trace")
     return summary
+
+
+def image_views(result: ExperimentResult, step: int, count: int = 16) -> dict[str, Any]:
+    """Image models: grids of the states x_k and of the predictions x0_hat made at step k, per run."""
+    views: dict[str, Any] = {}
+    for name, run in result.runs().items():
+        k = min(step, len(run.states) - 1)
+        decode = result.model.decode  # latent models: the autoencoder's images of the latents
+        views[f"{name}_state"] = image_grid(decode(run.states[k][:count]), scale=3)
+        views[f"{name}_x0"] = image_grid(decode(run.denoised[min(k, len(run.denoised) - 1)][:count]), scale=3)
+    return views
