@@ -4,9 +4,9 @@ A server answers requests on many threads (gradio: a pool of workers; concurrent
 ones). With GNU OpenMP (torch's CPU backend on Linux), every thread that runs a parallel op gets its own
 pool of OpenMP threads, and once the pools together hold more threads than there are cores, libgomp stops
 spinning between parallel regions and puts its threads to sleep instead, for the life of the process.
-On the 2-core CPU, after one burst of 4 concurrent requests every later mnist UNet forward (batch 16)
-took 59-63 ms instead of 40 ms, group norms and activations 1.6-1.8x slower. A model loaded on the main
-thread at start-up (``--model``) would start a second pool too. Running all torch work, loading
+After one burst of concurrent requests, every later forward of the mnist UNet was markedly slower
+(docs/app-performance.md). A model loaded on the main thread at start-up (``--model``) would start a second
+pool too. Running all torch work, loading
 included, on one long-lived thread keeps a single pool, as in a script.
 """
 

@@ -52,30 +52,28 @@ def in_panel(trace: dict[str, Any], panel: int) -> dict[str, Any]:
 
 def vline(x: float, panel: int, line: dict) -> dict:
     """A vertical line across subplot ``panel``."""
-    key = axis_key(panel)
-    return {
-        "type": "line",
-        "xref": f"x{key}",
-        "yref": f"y{key} domain",
-        "x0": x,
-        "x1": x,
-        "y0": 0,
-        "y1": 1,
-        "line": line,
-    }
+    return _across(panel, line, x=x)
 
 
 def hline(y: float, panel: int, line: dict) -> dict:
     """A horizontal line across subplot ``panel``."""
+    return _across(panel, line, y=y)
+
+
+def _across(panel: int, line: dict, x: float | None = None, y: float | None = None) -> dict:
+    """A line shape across subplot ``panel`` at ``x`` (vertical) or ``y`` (horizontal): the other axis spans the
+    panel's domain."""
     key = axis_key(panel)
+    xs = ("domain", 0, 1) if x is None else ("", x, x)
+    ys = ("domain", 0, 1) if y is None else ("", y, y)
     return {
         "type": "line",
-        "xref": f"x{key} domain",
-        "yref": f"y{key}",
-        "x0": 0,
-        "x1": 1,
-        "y0": y,
-        "y1": y,
+        "xref": f"x{key} {xs[0]}".strip(),
+        "yref": f"y{key} {ys[0]}".strip(),
+        "x0": xs[1],
+        "x1": xs[2],
+        "y0": ys[1],
+        "y1": ys[2],
         "line": line,
     }
 

@@ -108,8 +108,8 @@ PANELS: tuple[Panel, ...] = (
 
 
 def record_values(run: RunResult, field: str) -> list[float | None]:
-    """``field`` of each step's record (its JSON form), None where missing or not finite."""
-    values = [record.as_dict().get(field) for record in run.trace]
+    """``field`` of each step's record (``StepRecord.value``), None where missing or not finite."""
+    values = [record.value(field) for record in run.trace]
     return [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
 
 

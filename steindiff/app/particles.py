@@ -48,32 +48,11 @@ def particles_figure(result: ExperimentResult, step: int, trajectories: int = 24
             "showlegend": col == 1,
         }
         traces.append(in_panel(particles, col))
-        path = torch.stack([s[:trajectories] for s in states[: k + 1]]).double().cpu().numpy()  # (k+1, T, 2)
-        xs, ys = _polylines(path)
-        paths = {
-            "type": "scatter",
-            "x": xs,
-            "y": ys,
-            "mode": "lines",
-            "line": {"color": COLORS[name], "width": 1},
-            "name": f"{name} trajectories",
-            "showlegend": col == 1,
-            "hoverinfo": "skip",
-        }
-        traces.append(in_panel(paths, col))
+        line = {"color": COLORS[name], "width": 1}
+        traces.append(in_panel(_paths(states[: k + 1], trajectories, f"{name} trajectories", line, col == 1), col))
         if reference is not None:
-            ref = torch.stack([s[:trajectories] for s in reference[: k + 1]]).double().cpu().numpy()
-            xs, ys = _polylines(ref)
-            exact = {
-                "type": "scatter",
-                "x": xs,
-                "y": ys,
-                "mode": "lines",
-                "line": {"color": "black", "width": 1, "dash": "dash"},
-                "name": "exact ODE from the same noise",
-                "showlegend": col == 1,
-                "hoverinfo": "skip",
-            }
+            line = {"color": "black", "width": 1, "dash": "dash"}
+            exact = _paths(reference[: k + 1], trajectories, "exact ODE from the same noise", line, col == 1)
             traces.append(in_panel(exact, col))
         lost = len(states[k]) - len(points)
         if lost:
@@ -98,6 +77,21 @@ def particles_figure(result: ExperimentResult, step: int, trajectories: int = 24
         legend={"orientation": "h", "y": -0.08},
     )
     return go.Figure({"data": traces, "layout": layout})
+
+
+def _paths(states: list[torch.Tensor], count: int, name: str, line: dict, legend: bool) -> dict[str, Any]:
+    """The first ``count`` trajectories through ``states`` (one (B, 2) tensor a step) as one trace of lines."""
+    xs, ys = _polylines(torch.stack([s[:count] for s in states]).double().cpu().numpy())  # (steps, count, 2)
+    return {
+        "type": "scatter",
+        "x": xs,
+        "y": ys,
+        "mode": "lines",
+        "line": line,
+        "name": name,
+        "showlegend": legend,
+        "hoverinfo": "skip",
+    }
 
 
 def _polylines(path: np.ndarray) -> tuple[list[float | None], list[float | None]]:
