@@ -10,24 +10,15 @@ from typing import Literal
 
 import torch
 
-from steindiff.correction.finite_difference import fd_step
-from steindiff.correction.rule import (
-    DivergenceEstimate,
-    SteinConfig,
-    SteinStats,
-    divergence,
-    hutchinson,
-    probe_stack,
-    stein_update,
-    vjp_products,
-)
+from steindiff.correction.divergence import probed_step
+from steindiff.correction.rule import SteinConfig, SteinStats, stein_update
 from steindiff.denoisers.base import CountingDenoiser, DenoiseFn, Denoiser
 from steindiff.diagnostics.jacobians import JacobianMode, mean_distance
 from steindiff.diagnostics.reference import FlowSolution, solve_for_grid
 from steindiff.diagnostics.step_lipschitz import MapAtStep, measure_lipschitz
 from steindiff.noise import PROBE_STREAM, stream_generator
 from steindiff.records import Comparison, DiagnosticsConfig, RunResult, StepRecord
-from steindiff.solvers import SolverOptions, SolverSpec, StepResult, get_solver, with_lookahead
+from steindiff.solvers import SolverOptions, SolverSpec, get_solver, with_lookahead
 
 __all__ = ["Phase", "compare", "sample", "takes_functorch"]
 
@@ -133,8 +124,7 @@ def _integrate(
             x_next = result.x_next
         else:
             # Every solver step has the exact linear part (sigma'/sigma) x (see solvers.py).
-            probed = _step_with_fd_probes if stein.products == "fd" else _step_with_vjp_probes
-            result, div_t = probed(spec, counter, x, grid, k, history, options, stein, probe_gen)
+            result, div_t = probed_step(spec, counter, x, grid, k, history, options, stein, probe_gen)
             x_next, stats = stein_update(x, result.x_next.detach(), div_t, sigma, sigma_next, stein)
         x_next = x_next.detach()
         record = StepRecord(k, sigma, sigma_next, counter.nfe - nfe_before, time.perf_counter() - start)
@@ -181,88 +171,6 @@ def _integrate(
         final_err_ref=final_err,
     )
     return run, maps
-
-
-def _step_with_fd_probes(
-    spec: SolverSpec,
-    denoise: CountingDenoiser,
-    x: torch.Tensor,
-    grid: list[float],
-    k: int,
-    history: tuple[torch.Tensor, ...],
-    options: SolverOptions,
-    stein: SteinConfig,
-    generator: torch.Generator,
-) -> tuple[StepResult, DivergenceEstimate]:
-    """Step k and div_x T by forward-difference probes, in the step's own network calls.
-
-    The step is a pure map of x_k with the history fixed and samples never interact, so x_k and the K
-    perturbed states x_k + h v go through it as one batch of (K + 1) B samples, the history repeated.
-    """
-    batch = x.shape[0]
-    v = probe_stack(x, stein.probe, stein.probes, generator)
-    h = torch.stack([fd_step(x, probe) for probe in v])
-    stacked = torch.cat([x, *(x + h * v)])
-    repeated = tuple(torch.cat([part] * (stein.probes + 1)) for part in history)
-    with torch.no_grad():
-        joint = spec.step(denoise, stacked, grid, k, repeated, options)
-    t = joint.x_next[:batch]
-    jv = (joint.x_next[batch:].reshape(v.shape) - t) / h
-    ahead = None if joint.ahead_point is None else joint.ahead_point[:batch]
-    result = StepResult(t, joint.denoised[:batch], tuple(part[:batch] for part in joint.history), ahead)
-    return result, hutchinson(v, jv, grid[k + 1] / grid[k])
-
-
-#: on the CPU, VJP probes take at most this many samples in one autograd graph: in one graph of 500 mnist
-#: samples (the UNet's forward chunked by UNET_CPU_CHUNK all the same) a forward and a VJP cost 5.1
-#: forwards, in graphs of 64 or 100 2.2 (2-core CPU)
-VJP_CPU_CHUNK = 64
-
-
-def _step_with_vjp_probes(
-    spec: SolverSpec,
-    denoise: CountingDenoiser,
-    x: torch.Tensor,
-    grid: list[float],
-    k: int,
-    history: tuple[torch.Tensor, ...],
-    options: SolverOptions,
-    stein: SteinConfig,
-    generator: torch.Generator,
-) -> tuple[StepResult, DivergenceEstimate]:
-    """Step k and div_x T by VJPs through the step, on the CPU in chunks of :data:`VJP_CPU_CHUNK` samples.
-
-    The step is a pure map of x_k with the history fixed and samples never interact, so each chunk is its
-    own graph; the probes are drawn for the whole batch first, so the estimate does not depend on the
-    chunking (to float rounding). A step's calls count once, as the chunks make the same calls.
-    """
-    batch, identity = x.shape[0], grid[k + 1] / grid[k]
-    size = VJP_CPU_CHUNK if x.device.type == "cpu" else batch
-    v = None if stein.probe == "exact" else probe_stack(x, stein.probe, stein.probes, generator)
-    parts, products = [], []
-    for first in range(0, batch, size):
-        rows = slice(first, first + size)
-        with torch.enable_grad():
-            x_in = x[rows].detach().requires_grad_(True)
-            call = denoise if first == 0 else denoise.denoiser
-            part = spec.step(call, x_in, grid, k, tuple(h[rows] for h in history), options)
-            if v is None:
-                products.append(divergence(part.x_next, x_in, "exact", 0, generator).per_sample)
-            else:
-                products.append(vjp_products(part.x_next, x_in, v[:, rows], stein.products == "vjp-batched"))
-        ahead = None if part.ahead_point is None else part.ahead_point.detach()
-        parts.append(
-            StepResult(part.x_next.detach(), part.denoised.detach(), tuple(h.detach() for h in part.history), ahead)
-        )
-    result = StepResult(
-        torch.cat([p.x_next for p in parts]),
-        torch.cat([p.denoised for p in parts]),
-        tuple(torch.cat(hs) for hs in zip(*(p.history for p in parts), strict=True)),
-        None if parts[0].ahead_point is None else torch.cat([p.ahead_point for p in parts]),
-    )
-    if v is None:
-        return result, DivergenceEstimate(torch.cat(products), 0.0)
-    return result, hutchinson(v, torch.cat(products, dim=1), identity)
 
 
 class _SharedFirstCall:

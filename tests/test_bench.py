@@ -21,7 +21,7 @@ from steindiff.bench.quality import DigitQuality, PointQuality, quality_metric, 
 from steindiff.bench.report import markdown_table, metric_figure, verdicts, write_outputs
 from steindiff.bench.sweep import BenchConfig, run_bench, summarise
 from steindiff.cli import main
-from steindiff.correction.rule import divergence
+from steindiff.correction.divergence import divergence
 from steindiff.denoisers import load_model
 from steindiff.noise import initial_noise
 

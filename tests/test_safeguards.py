@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from steindiff import SteinConfig, initial_noise, load_model, make_sigmas, sample
-from steindiff.correction.rule import STEIN_VARIANTS, DivergenceEstimate, noise_level_gamma, stein_config, stein_update
+from steindiff.correction import rule
+from steindiff.correction.divergence import DivergenceEstimate
+from steindiff.correction.rule import (
+    GAMMA_TRANSFORMS,
+    STEIN_VARIANTS,
+    GammaTransform,
+    noise_level_gamma,
+    stein_config,
+    stein_update,
+)
 from steindiff.solvers import SolverOptions, get_solver, with_lookahead
 
 F64 = torch.float64
@@ -181,3 +190,38 @@ def test_vanilla_beside_a_lookahead_run_stays_the_plain_solver():
 def test_bad_safeguard_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SteinConfig(**kwargs)
+
+
+def test_the_safeguards_apply_in_the_order_of_their_table():
+    names = [transform.name for transform in GAMMA_TRANSFORMS]
+    assert names == ["noise_level", "trust_region", "clip", "max_gamma_se", "observe_only"]
+    applied = {
+        name: [t.name for t in GAMMA_TRANSFORMS if t.applies(stein_config(name, probes=1))] for name in STEIN_VARIANTS
+    }
+    assert applied["stein"] == applied["stein-cap1"] == ["clip"]
+    assert applied["stein-safe"] == applied["sc-lookahead"] == ["noise_level", "trust_region", "clip", "max_gamma_se"]
+    assert applied["sc-noise"] == ["noise_level", "clip"]
+    assert [t.name for t in GAMMA_TRANSFORMS if t.applies(SteinConfig(apply=False))] == ["clip", "observe_only"]
+
+
+def test_a_new_gamma_transform_is_one_function_and_one_table_entry(monkeypatch):
+    """stein_update walks the table: an entry appended after the clip sees the clipped gamma and its own
+    result is the state's coefficient; one whose condition fails is skipped."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(8, DIM, generator=gen, dtype=F64)
+    t, div = 0.5 * x, torch.full((8,), 0.25 * DIM, dtype=F64)
+    config = SteinConfig(gamma_max=1.5)
+    _, before = _update(x, t, div, config)
+    seen = []
+
+    def halve(gamma, context):
+        seen.append((float(gamma), float(context.gamma_raw)))
+        return gamma / 2
+
+    extra = (GammaTransform("halve", lambda c: c.gamma_max < math.inf, halve),)
+    monkeypatch.setattr(rule, "GAMMA_TRANSFORMS", (*GAMMA_TRANSFORMS[:3], *extra, *GAMMA_TRANSFORMS[3:]))
+    x_next, after = _update(x, t, div, config)
+    assert seen == [(1.5, before.gamma_raw)] and before.gamma_raw > 1.5
+    assert after.gamma == 0.75 and torch.allclose(x_next, 0.25 * x + 0.75 * t)
+    _update(x, t, div, SteinConfig())  # gamma_max = inf: the entry does not apply
+    assert len(seen) == 1

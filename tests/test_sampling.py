@@ -14,9 +14,11 @@ from steindiff import (
     make_sigmas,
     noise,
     sample,
-    sampling,
 )
+from steindiff.correction import divergence
+from steindiff.correction.rule import SteinStats
 from steindiff.diagnostics.jacobians import jacobian_rows
+from steindiff.records import STATS_FIELDS, StepRecord
 from steindiff.solvers import SolverOptions, get_solver
 
 REQUIRED = {"sigma", "sigma_next", "gamma_raw", "gamma", "s_xu", "s_uu", "s_div", "lipschitz_max", "err_ref", "nfe"}
@@ -88,6 +90,7 @@ def test_the_runs_share_their_identical_first_call_and_nothing_else(products, ca
         assert [r.gamma_raw for r in run.trace] == [r.gamma_raw for r in alone.trace]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_name", "solver", "probe", "products"),
     [
@@ -108,7 +111,7 @@ def test_vjp_probes_in_chunks_give_the_whole_batchs_run(monkeypatch, model_name,
     none = DiagnosticsConfig(lipschitz=False, reference=False)
     runs = {}
     for chunk in (20, 7):  # one graph; three (7 + 7 + 6)
-        monkeypatch.setattr(sampling, "VJP_CPU_CHUNK", chunk)
+        monkeypatch.setattr(divergence, "VJP_CPU_CHUNK", chunk)
         runs[chunk] = sample(model, x, sigmas, solver, stein=config, diagnostics=none, seed=4)
     whole, chunked = runs[20], runs[7]
     tolerance = 1e-10 if model.exact else 1e-4
@@ -118,6 +121,7 @@ def test_vjp_probes_in_chunks_give_the_whole_batchs_run(monkeypatch, model_name,
         assert a.s_div == pytest.approx(b.s_div, rel=tolerance) and a.gamma == pytest.approx(b.gamma, rel=tolerance)
 
 
+@pytest.mark.slow
 def test_trace_has_every_quantity_and_serialises():
     result = _ring_compare()
     for run in (result.vanilla, result.stein):
@@ -163,11 +167,13 @@ def test_progress_announces_the_reference_and_the_lipschitz_estimates_around_the
     assert events == steps
 
 
+@pytest.mark.slow
 def test_error_to_reference_shrinks_with_nfe():
     errors = [_ring_compare(steps=n, lipschitz=False).vanilla.final_err_ref for n in (5, 20, 80)]
     assert errors[0] > errors[1] > errors[2]
 
 
+@pytest.mark.slow
 def test_the_literal_rule_explodes_on_the_exact_ring_and_the_cap_holds():
     """The known failure (DESIGN section 4): gamma ~ sigma_k/(sigma_k - sigma_{k-1}) at the first step,
     then a blow-up once the first corrected step has landed near the posterior mean."""
@@ -228,6 +234,7 @@ def test_a_look_ahead_steps_lipschitz_moves_its_look_ahead_evaluation_with_the_s
         assert point is not None or k == len(run.trace) - 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"])
 def test_forward_difference_lipschitz_from_the_runs_own_values_matches_the_double_vjp(solver):
     """With forward differences the step maps' values at the runs' states come from the runs

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from steindiff import SteinConfig, get_solver, initial_noise, load_model, make_sigmas, sample
-from steindiff.correction.finite_difference import fd_step
-from steindiff.correction.rule import STEIN_VARIANTS, divergence, stein_update, vp_alpha
+from steindiff.correction.divergence import divergence, fd_step
+from steindiff.correction.rule import STEIN_VARIANTS, stein_update, vp_alpha
 from steindiff.solvers import SolverOptions
 
 F64 = torch.float64
@@ -114,6 +114,7 @@ def test_hutchinson_is_unbiased(kind):
     assert ((draws.mean(0) - exact).abs() <= 4 * se + 1e-12).all()
 
 
+@pytest.mark.slow
 def test_rademacher_and_the_exact_identity_part_lower_the_variance():
     gaussian, _ = _probe_estimates("gaussian", identity=0.0, k=2000)
     rademacher, _ = _probe_estimates("rademacher", identity=0.0, k=2000)
@@ -167,6 +168,7 @@ def test_exact_trace_refuses_large_dimension():
         divergence(2 * x, x, "exact", 1, _gen())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("solver", "variant"), [("dpmpp_2m", "stein-cap1"), ("heun", "stein-cap1"), ("dpmpp_3m", "sc-lookahead")]
 )

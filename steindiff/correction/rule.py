@@ -1,4 +1,4 @@
-"""The Stein correction (the paper's Algorithm 1) and its divergence estimators.
+"""The Stein correction's rule (the paper's Algorithm 1): the coefficient gamma and the corrected state.
 
 One corrected step, around any solver candidate T(x_k):
 
@@ -27,51 +27,52 @@ little noise for its level, u collapses while sigma^2 div u does not, and gamma 
 measured). "cap" keeps gamma on the segment from 1 to gamma_raw where J(gamma) >= d sigma_{k-1}^2;
 "match" takes the root of J(gamma) = d sigma_{k-1}^2 nearest to 1 (gamma_raw when J never gets down
 to the floor). Both are defined in EDM coordinates.
+
+The safeguards are an ordered table of named gamma transforms (:data:`GAMMA_TRANSFORMS`), each applied
+when the config asks for it; a new rule is one function and one entry. The divergence div_x T comes from
+:mod:`steindiff.correction.divergence`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 
+from steindiff.correction.divergence import PROBE_PRODUCTS, DivergenceEstimate, ProbeKind, ProbeProducts
 from steindiff.limits import Limits
 
 __all__ = [
     "CUSTOM_VARIANT",
     "DEFAULT_VARIANT",
+    "GAMMA_TRANSFORMS",
     "PROBE_PRODUCTS",
     "SAFEGUARDS",
     "STEIN_VARIANTS",
     "VANILLA",
     "Coords",
-    "DivergenceEstimate",
+    "GammaContext",
+    "GammaTransform",
     "GammaVariant",
+    "ProbeKind",
+    "ProbeProducts",
     "SteinConfig",
     "SteinStats",
     "combine",
-    "divergence",
-    "draw_probes",
-    "hutchinson",
     "noise_level_gamma",
-    "probe_stack",
     "stein_config",
     "stein_update",
-    "vjp_products",
     "vp_alpha",
 ]
 
-ProbeKind = Literal["rademacher", "gaussian", "exact"]
-ProbeProducts = Literal["vjp", "vjp-batched", "fd"]
-PROBE_PRODUCTS: tuple[str, ...] = get_args(ProbeProducts)
 NoiseLevel = Literal["off", "cap", "match"]
 #: the coordinates the convex combination is taken in
 Coords = Literal["edm", "vp"]
 #: one coefficient from batch means, or one a sample
 GammaVariant = Literal["batch", "per_sample"]
-EXACT_TRACE_MAX_DIM = 1024
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,9 @@ class SteinConfig:
     products: how each probe's v^T J v is computed. "vjp": a VJP through the step (the paper's; K
         backward passes); "vjp-batched": all K VJPs in one vectorised backward (``is_grads_batched``),
         the same estimate at a different speed; "fd": a forward difference v^T (T(x + h v) - T(x)) / h
-        (:mod:`steindiff.correction.finite_difference`), the K perturbed states evaluated in the step's own network
-        calls (one batch of (K + 1) B samples): no backward pass, no extra NFE, within 2e-4 (relative)
-        of the VJP's estimate with the same probes on ``mnist``. "exact" probes need a VJP mode.
+        (:func:`steindiff.correction.divergence.fd_step`), the K perturbed states evaluated in the step's own
+        network calls (one batch of (K + 1) B samples): no backward pass, no extra NFE, and close to the
+        VJP's estimate with the same probes (measured: see docs/design.md). "exact" probes need a VJP mode.
     coords: "edm" or "vp", the coordinates the convex combination is taken in.
     variant: "batch" (the paper's batch means) or "per_sample" (each sample its own gamma; noisy).
     apply: False observes only: every statistic is computed and recorded, but gamma = 1 is used.
@@ -185,14 +186,6 @@ def stein_config(
 
 
 @dataclass(frozen=True)
-class DivergenceEstimate:
-    """div_x T per sample (float64, shape (B,)) and the Monte Carlo standard error of its batch mean."""
-
-    per_sample: torch.Tensor
-    batch_se: float
-
-
-@dataclass(frozen=True)
 class SteinStats:
     """What the correction computed at one step (batch means in the chosen coordinates).
 
@@ -213,83 +206,9 @@ class SteinStats:
     scale: float = 1.0
 
 
-def draw_probes(like: torch.Tensor, kind: ProbeKind, generator: torch.Generator) -> torch.Tensor:
-    """A probe v shaped like ``like``: Rademacher (+-1) or standard Gaussian, drawn on the CPU for determinism."""
-    if kind == "rademacher":
-        v = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8).mul(2).sub(1)
-    else:
-        v = torch.randn(like.shape, generator=generator, dtype=torch.float64)
-    return v.to(dtype=like.dtype, device=like.device)
-
-
-def probe_stack(like: torch.Tensor, kind: ProbeKind, probes: int, generator: torch.Generator) -> torch.Tensor:
-    """K probes shaped like ``like``, stacked: (K, *like.shape)."""
-    return torch.stack([draw_probes(like, kind, generator) for _ in range(probes)])
-
-
-def hutchinson(v: torch.Tensor, jv: torch.Tensor, identity: float = 0.0) -> DivergenceEstimate:
-    """The Hutchinson estimate of tr J from K probes ``v`` and their products ``jv`` = J v (or J^T v), both (K, B, ...).
-
-    E[v^T J v] = tr J for probes with E[v v^T] = I. ``identity`` is a known coefficient c of I in J: the
-    estimator v^T J v - c (||v||^2 - d) stays unbiased for any c and, with the exact c, carries no
-    variance from the identity part (Rademacher probes have ||v||^2 = d already).
-    """
-    dim = v[0, 0].numel()
-    quadratic = (v * jv).flatten(2).sum(2).to(torch.float64)
-    sq_norm = (v.to(torch.float64) ** 2).flatten(2).sum(2)
-    stacked = quadratic - identity * (sq_norm - dim)  # (K, B)
-    probes = v.shape[0]
-    se = float(stacked.mean(1).std() / math.sqrt(probes)) if probes > 1 else math.nan
-    return DivergenceEstimate(stacked.mean(0), se)
-
-
-def divergence(
-    t: torch.Tensor,
-    x: torch.Tensor,
-    kind: ProbeKind,
-    probes: int,
-    generator: torch.Generator,
-    identity: float = 0.0,
-    batched: bool = False,
-) -> DivergenceEstimate:
-    """div_x T per sample by VJPs, where ``t = T(x)`` was computed from ``x`` with ``requires_grad``.
-
-    Hutchinson's estimate (:func:`hutchinson`) with K probes, or with ``kind`` "exact" the sum of the d
-    diagonal entries, one VJP a coordinate. ``batched`` takes the K probe VJPs in one vectorised backward.
-    """
-    dim = x[0].numel()
-    if kind == "exact":
-        if dim > EXACT_TRACE_MAX_DIM:
-            raise ValueError(f"the exact trace needs d VJPs; d = {dim} exceeds {EXACT_TRACE_MAX_DIM}: use Hutchinson")
-        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        for j in range(dim):
-            basis = torch.zeros_like(x).flatten(1)
-            basis[:, j] = 1
-            (vjp,) = torch.autograd.grad(t, x, grad_outputs=basis.reshape(x.shape), retain_graph=True)
-            total = total + vjp.flatten(1)[:, j].to(torch.float64)
-        return DivergenceEstimate(total, 0.0)
-    v = probe_stack(x, kind, probes, generator)
-    return hutchinson(v, vjp_products(t, x, v, batched), identity)
-
-
-def vjp_products(t: torch.Tensor, x: torch.Tensor, v: torch.Tensor, batched: bool = False) -> torch.Tensor:
-    """J^T v for each of the K probes ``v`` (K, B, ...), through ``t = T(x)`` computed with ``requires_grad``:
-    K backward passes, or with ``batched`` one vectorised backward."""
-    if batched:
-        (vjps,) = torch.autograd.grad(t, x, grad_outputs=v, retain_graph=True, is_grads_batched=True)
-        return vjps
-    return torch.stack([torch.autograd.grad(t, x, grad_outputs=p, retain_graph=True)[0] for p in v])
-
-
 def vp_alpha(sigma: float) -> float:
     """VP scale alpha = (1 + sigma^2)^(-1/2) of the EDM noise level sigma."""
     return 1.0 / math.sqrt(1.0 + sigma * sigma)
-
-
-def _clip(gamma_raw: torch.Tensor, config: SteinConfig) -> torch.Tensor:
-    """clip(gamma, gamma_min, gamma_max); an undefined gamma (0/0: u = 0, or a NaN state) keeps the candidate (1)."""
-    clipped = gamma_raw.clamp(config.gamma_min, config.gamma_max)
-    return torch.where(torch.isnan(gamma_raw), torch.ones_like(gamma_raw), clipped)
 
 
 def _ratio_se(numerators: torch.Tensor, denominators: torch.Tensor, ratio: torch.Tensor) -> float:
@@ -323,10 +242,75 @@ def noise_level_gamma(
     return torch.where(reaches, capped, gamma_raw)
 
 
-def _trust_region(gamma: torch.Tensor, gamma_raw: torch.Tensor, bound: float, se: float) -> torch.Tensor:
-    """gamma clipped to ``bound``, or 1 where gamma_raw exceeds it by more than 2 standard errors (NaN stays)."""
-    inconsistent = gamma_raw > bound + 2 * se
+@dataclass(frozen=True)
+class GammaContext:
+    """What a gamma transform may read besides gamma: the rule's statistics at this step.
+
+    gamma_raw: the rule's estimate b / c (0-d, or (B,) for the per-sample variant; NaN where u = 0).
+    c: its denominator, the mean (or per-sample) ||u||^2, shaped like gamma_raw.
+    dim: the dimension d of a sample.
+    sigma, sigma_next: the step's noise levels sigma_k, sigma_{k-1}.
+    gamma_se: the standard error of the batch estimate gamma_raw (NaN for the per-sample variant or B < 2).
+    config: the correction's settings.
+    """
+
+    gamma_raw: torch.Tensor
+    c: torch.Tensor
+    dim: int
+    sigma: float
+    sigma_next: float
+    gamma_se: float
+    config: SteinConfig
+
+
+@dataclass(frozen=True)
+class GammaTransform:
+    """One named step of the safeguards: where ``applies(config)``, gamma becomes ``apply(gamma, context)``."""
+
+    name: str
+    applies: Callable[[SteinConfig], bool]
+    apply: Callable[[torch.Tensor, GammaContext], torch.Tensor]
+
+
+def _noise_level(gamma: torch.Tensor, ctx: GammaContext) -> torch.Tensor:
+    """The noise-level rule ("cap" or "match"), from the statistics b = gamma_raw c and c (first in the table,
+    where gamma is still gamma_raw)."""
+    return noise_level_gamma(ctx.gamma_raw, ctx.c, ctx.dim, ctx.sigma, ctx.sigma_next, ctx.config.noise_level)
+
+
+def _trust_region(gamma: torch.Tensor, ctx: GammaContext) -> torch.Tensor:
+    """gamma clipped to gamma_bound = sigma_k / (sigma_k - sigma_{k-1}) (the Euler step onto D(x_k)), or 1
+    where gamma_raw exceeds it by more than 2 standard errors (NaN stays)."""
+    bound = ctx.sigma / (ctx.sigma - ctx.sigma_next)
+    se = 0.0 if math.isnan(ctx.gamma_se) else ctx.gamma_se
+    inconsistent = ctx.gamma_raw > bound + 2 * se
     return torch.where(inconsistent, torch.ones_like(gamma), gamma.clamp(max=bound))
+
+
+def _clip(gamma: torch.Tensor, ctx: GammaContext) -> torch.Tensor:
+    """clip(gamma, gamma_min, gamma_max); an undefined gamma (0/0: u = 0, or a NaN state) keeps the candidate (1)."""
+    clipped = gamma.clamp(ctx.config.gamma_min, ctx.config.gamma_max)
+    return torch.where(torch.isnan(gamma), torch.ones_like(gamma), clipped)
+
+
+def _solver_step(gamma: torch.Tensor, ctx: GammaContext) -> torch.Tensor:
+    """gamma = 1: the solver's own step."""
+    return torch.ones_like(ctx.gamma_raw)
+
+
+def _noise_fallback(gamma: torch.Tensor, ctx: GammaContext) -> torch.Tensor:
+    """The solver's own step when the batch estimate's standard error exceeds ``max_gamma_se``."""
+    return _solver_step(gamma, ctx) if ctx.gamma_se > ctx.config.max_gamma_se else gamma
+
+
+#: the safeguards in the order they apply to gamma_raw; the last word is gamma = 1 for a run that only observes
+GAMMA_TRANSFORMS: tuple[GammaTransform, ...] = (
+    GammaTransform("noise_level", lambda config: config.noise_level != "off", _noise_level),
+    GammaTransform("trust_region", lambda config: config.trust_region, _trust_region),
+    GammaTransform("clip", lambda config: True, _clip),
+    GammaTransform("max_gamma_se", lambda config: config.max_gamma_se < math.inf, _noise_fallback),
+    GammaTransform("observe_only", lambda config: not config.apply, _solver_step),
+)
 
 
 def stein_update(
@@ -337,9 +321,25 @@ def stein_update(
     sigma_next: float,
     config: SteinConfig,
 ) -> tuple[torch.Tensor, SteinStats]:
-    """The corrected state x_{k-1} (EDM coordinates) from x_k, the candidate T(x_k) and div_x T.
+    """The corrected state x_{k-1} from x_k, the solver's candidate T(x_k) and div_x T (the paper's Algorithm 1).
 
-    gamma = 1 returns ``t`` bit for bit.
+    With u = x_k - T(x_k) in the chosen coordinates and Stein's identity for x_k | x* ~ N(alpha x*, sigma^2 I):
+
+        gamma_raw = [(1 - 1/alpha) mean <u, x_k> + (sigma^2 / alpha) mean div u] / mean ||u||^2   (gamma* via Stein)
+
+    with div u = d - div_x T (times alpha_{k-1} / alpha_k in VP coordinates). gamma_raw then goes through the
+    safeguards of :data:`GAMMA_TRANSFORMS` that ``config`` asks for, in order, and the state is
+    :func:`combine`'s. gamma = 1 returns ``t`` bit for bit.
+
+    Arguments:
+        x: the state x_k, (B, ...), in EDM coordinates.
+        t: the candidate T(x_k), (B, ...), detached.
+        div_t: div_x T per sample, (B,).
+        sigma, sigma_next: the step's noise levels sigma_k > sigma_{k-1} (EDM).
+        config: the correction's settings.
+
+    Returns:
+        x_{k-1}, (B, ...) in EDM coordinates, and the statistics of the step.
     """
     dim = x[0].numel()
     if config.coords == "vp":
@@ -361,14 +361,11 @@ def stein_update(
         gamma_raw, c = (drift * xu.mean() + geometric * div_u.mean()) / uu.mean(), uu.mean()
         gamma_se = _ratio_se(drift * xu + geometric * div_u, uu, gamma_raw)
     gamma_raw = torch.where(c > 0, gamma_raw, torch.full_like(gamma_raw, math.nan))  # u = 0: undefined
+    context = GammaContext(gamma_raw, c, dim, sigma, sigma_next, gamma_se, config)
     gamma = gamma_raw
-    if config.noise_level != "off":
-        gamma = noise_level_gamma(gamma_raw, c, dim, sigma, sigma_next, config.noise_level)
-    if config.trust_region:
-        gamma = _trust_region(gamma, gamma_raw, sigma / (sigma - sigma_next), 0.0 if math.isnan(gamma_se) else gamma_se)
-    gamma = _clip(gamma, config)
-    if not config.apply or gamma_se > config.max_gamma_se:
-        gamma = torch.ones_like(gamma_raw)
+    for transform in GAMMA_TRANSFORMS:
+        if transform.applies(config):
+            gamma = transform.apply(gamma, context)
     per_sample = gamma.ndim == 1
     x_next = combine(x, t, gamma, scale)
     stats = SteinStats(
@@ -387,10 +384,17 @@ def stein_update(
 
 
 def combine(x: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """x_{k-1} = (1 - gamma) scale x_k + gamma T(x_k), the paper's update in EDM coordinates.
+    """x_{k-1} = (1 - gamma) scale x_k + gamma T(x_k): the paper's update (Algorithm 1, the convex
+    combination), in EDM coordinates. gamma = 1 returns ``t`` exactly.
 
-    ``scale`` is alpha_k / alpha_{k-1} when the combination is taken in VP coordinates, else 1;
-    ``gamma`` is a 0-d or per-sample (B,) tensor. gamma = 1 returns ``t`` exactly.
+    Arguments:
+        x: the state x_k, (B, ...).
+        t: the candidate T(x_k), (B, ...).
+        gamma: the coefficient, 0-d or per sample (B,).
+        scale: alpha_k / alpha_{k-1} when the combination is taken in VP coordinates, else 1.
+
+    Returns:
+        x_{k-1}, (B, ...), in the dtype of ``x``.
     """
     g = gamma.to(x.dtype)
     if g.ndim == 1:

@@ -8,7 +8,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from steindiff.correction.finite_difference import fd_step
+from steindiff.correction.divergence import fd_step
 
 __all__ = [
     "JacobianMode",
@@ -137,7 +137,7 @@ def local_lipschitz(
     VJPs, iters + 1 JVPs) it is never below power iteration's estimate and never above ||J||, so the
     result is a lower bound that converges much faster. ``mode`` "jvp" uses forward-mode AD for J w;
     "vjp2" a double VJP (for models where forward mode fails); "fd" a forward difference
-    (:func:`steindiff.correction.finite_difference.fd_step`): one forward a product instead of three, and a lower
+    (:func:`steindiff.correction.divergence.fd_step`): one forward a product instead of three, and a lower
     bound only up to the difference's error (3 rounds on the shipped UNet: within 1% of the double VJP's).
     ``start`` gives the start vectors q_1 (shaped like ``x``; normalised per sample), else they are
     Gaussian from ``generator``.
