@@ -8,9 +8,7 @@ UI only: the form, the page and the events that wire them; the rest is ``steindi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
-import itertools
 import os
 import random
 import sys
@@ -27,7 +25,7 @@ import gradio as gr
 
 from steindiff.app.compute_thread import on_compute_thread
 from steindiff.app.presets import PRESETS
-from steindiff.app.session import Session
+from steindiff.app.session import Outcome, Session
 from steindiff.app.settings import (
     CUSTOM_RULE,
     Control,
@@ -36,7 +34,6 @@ from steindiff.app.settings import (
     default_model,
     model_device,
     step_from_link,
-    warm_up,
 )
 from steindiff.app.views import Shown, Views, render
 from steindiff.experiment import ModelCatalog
@@ -113,43 +110,40 @@ def _control(control: Control, value: Any, choices: list[str] | None, **common: 
 
 
 def form(initial: dict[str, Any], models: list[str]) -> Form:
-    """The settings in the form's order: the run's, then the correction's in an accordion, then the diagnostics."""
+    """Presets, Run, the run's settings, the correction's and the diagnostics'; the probes' settings folded."""
     preset = gr.Dropdown(list(PRESETS), label="Lesson presets", value=None)
+    run = gr.Button("Run", variant="primary", elem_id="run")  # at the top: in sight on load, over no control
     controls: dict[str, gr.components.Component] = {}
-    sections = itertools.groupby(Settings.controls().items(), key=lambda item: item[1].group in ("stein", "custom"))
-    for stein, items in sections:
-        with gr.Accordion("Stein correction", open=True) if stein else contextlib.nullcontext():
-            for name, control in items:
-                if name == "seed":  # with its dice
-                    with gr.Row():
-                        controls[name] = _control(control, initial[name], None, scale=3)
-                        dice = gr.Button("random seed", scale=1)
-                else:
-                    controls[name] = _control(control, initial[name], models if name == "model" else None)
-    run = gr.Button("Run", variant="primary", elem_id="run")
+    advanced = {name: c for name, c in Settings.controls().items() if c.group == "advanced"}
+    for name, control in Settings.controls().items():
+        if name == "seed":  # with its dice
+            with gr.Row():
+                controls[name] = _control(control, initial[name], None, scale=3, min_width=120)
+                dice = gr.Button("random seed", scale=1, min_width=100)
+        elif name not in advanced:
+            controls[name] = _control(control, initial[name], models if name == "model" else None)
     download = gr.File(label="download the run (JSON, CSV, PNG)", elem_id="download")
-    return Form(controls, preset, dice, run, download)
+    with gr.Accordion("Stein correction: probes and coordinates", open=False):
+        controls |= {name: _control(control, initial[name], None) for name, control in advanced.items()}
+    return Form({name: controls[name] for name in Settings.names()}, preset, dice, run, download)
 
 
 def page() -> Page:
     """The summary, the step's label and scrubber, the image views (or the particles) and the diagnostics."""
     summary = gr.Markdown("Choose settings (or a lesson preset) and press **Run**.", elem_id="summary")
-    gr.Markdown(
-        "Blue: vanilla solver. Red: Stein-corrected, from the same noise. Orange band: "
-        "L > 1, where the step map expands errors."
-    )
     views: dict[str, gr.components.Component] = {"label": gr.Markdown("")}
     scrubber = gr.Slider(0, 1, value=0, step=1, label="step (moves every view)")
-    with gr.Column(visible=False) as image_group:
-        with gr.Row():
+    with gr.Column(visible=False) as image_group, gr.Tabs():
+        with gr.Tab("samples x_k"), gr.Row():
             views["vanilla_image"] = gr.Image(label="vanilla: x_k", **IMAGE_VIEW)
             views["stein_image"] = gr.Image(label="Stein: x_k", **IMAGE_VIEW)
-        views["compare"] = gr.ImageSlider(label="vanilla | Stein", format="png", elem_classes=["run-image"])
-        with gr.Row():
+        with gr.Tab("vanilla | Stein slider"):
+            views["compare"] = gr.ImageSlider(label="vanilla | Stein", format="png", elem_classes=["run-image"])
+        with gr.Tab("predicted x0"), gr.Row():
             views["vanilla_x0"] = gr.Image(label="vanilla: predicted x0", **IMAGE_VIEW)
             views["stein_x0"] = gr.Image(label="Stein: predicted x0", **IMAGE_VIEW)
     views["particles"] = gr.Plot(label="particles", visible=False, elem_classes=["run-plot"])
-    views["diagnostics"] = gr.Plot(label="per-step diagnostics", elem_classes=["run-plot"])
+    views["diagnostics"] = gr.Plot(label="per-step diagnostics", elem_classes=["run-plot"], elem_id="diagnostics")
     with gr.Accordion("run summary (JSON)", open=False):
         summary_json = gr.JSON(label="run summary")
     with gr.Accordion("What am I looking at?", open=False):
@@ -170,10 +164,13 @@ STEP_JS = (
 )
 
 
-def make_app(catalog: ModelCatalog) -> gr.Blocks:
-    """The Blocks app over a model catalog (the registry plus models given on the command line)."""
-    initial = {**Settings.defaults(), "model": default_model()}  # /run's defaults, at the first model's batch
-    initial["batch"] = batch_for_model(catalog, initial["model"], initial["batch"])
+def make_app(catalog: ModelCatalog, first_model: str | None = None, warm_up: bool = False) -> gr.Blocks:
+    """The Blocks app over a model catalog (the registry plus models given on the command line), its form at
+    ``first_model`` (default: the shipped image model); with ``warm_up`` the form's run is made before the app
+    serves and shown when a page opens."""
+    session = Session(catalog)
+    initial = session.initial(first_model or default_model())  # /run's defaults, at the first model's batch
+    first = warm(session, initial) if warm_up else None
     # gradio keeps a copy of every output file: those older than an hour go, hourly
     with gr.Blocks(title="steindiff: the contractivity trap", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# steindiff: few-step diffusion sampling, the contractivity trap, and the Stein correction")
@@ -182,18 +179,27 @@ def make_app(catalog: ModelCatalog) -> gr.Blocks:
                 settings = form(initial, catalog.names())
             with gr.Column(scale=3, min_width=760):  # the summary table needs 700 px: narrower, it goes below the form
                 out = page()
-        events(demo, catalog, settings, out, initial)
+        events(demo, session, settings, out, initial, first)
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo._queue.sleep_when_free = QUEUE_POLL_S  # gradio's private setting: test_app fails if gradio stops reading it
     return demo
 
 
-def events(demo: gr.Blocks, catalog: ModelCatalog, settings: Form, out: Page, initial: dict[str, Any]) -> None:
-    """Wire the form to the page: Run (the /run endpoint), the scrubber, presets, links, the model's batch."""
-    session = Session(catalog)
+def events(demo: gr.Blocks, session: Session, settings: Form, out: Page, initial: dict, first: Outcome | None) -> None:
+    """Wire the form to the page: Run (the /run endpoint), the scrubber, presets, links, the model's batch; a page
+    that opens on the form's own settings shows ``first``, their run."""
+    catalog = session.catalog
     shown = gr.State(None)
     linked_step = gr.State(None)  # the step a link asks its first run to open at
     controls, views = list(settings.controls.values()), list(out.views.values())
+    results = [out.summary, *views, out.scrubber, out.summary_json, settings.download, shown]
+    image_views = [out.image_group, out.views["particles"]]
+
+    def outputs(done: Outcome) -> tuple:
+        """The page's outputs of a run (``results``' order)."""
+        at = done.shown
+        slider = gr.update(maximum=at.last, value=at.step)
+        return (done.summary, *done.views.values(), slider, done.summary_json, done.download, at)
 
     def compute(values: dict[str, Any], linked: int | None, progress: gr.Progress) -> tuple:
         """The run and its views, on the one thread that does the server's torch work."""
@@ -201,9 +207,7 @@ def events(demo: gr.Blocks, catalog: ModelCatalog, settings: Form, out: Page, in
             done = session.run(values, linked, lambda fraction, text: progress(fraction, desc=text))
         except (ValueError, TypeError) as err:  # WeightsError among them
             raise gr.Error(str(err)) from None
-        at = done.shown
-        slider = gr.update(maximum=at.last, value=at.step)
-        return (done.summary, *done.views.values(), slider, done.summary_json, done.download, at, None)
+        return (*outputs(done), None)
 
     def scrub(last: Shown | None, step: float) -> tuple:
         if last is None:
@@ -215,9 +219,9 @@ def events(demo: gr.Blocks, catalog: ModelCatalog, settings: Form, out: Page, in
         changes = PRESETS.get(name, {})
         return tuple(gr.update(value=changes[k]) if k in changes else gr.update() for k in Settings.names())
 
-    def layout(at: Shown) -> tuple:
-        image = at.result.model.kind == "image"
-        return gr.update(visible=image), gr.update(visible=not image)
+    def layout(at: Shown | None) -> tuple:
+        image = at is not None and at.result.model.kind == "image"
+        return gr.update(visible=image), gr.update(visible=at is not None and not image)
 
     def from_url(request: gr.Request) -> tuple:
         params = dict(request.query_params) if request is not None else {}
@@ -225,16 +229,18 @@ def events(demo: gr.Blocks, catalog: ModelCatalog, settings: Form, out: Page, in
         if "model" in state and "batch" not in state:
             state["batch"] = batch_for_model(catalog, state["model"], initial["batch"])
         updates = (gr.update(value=state[k]) if k in state else gr.update() for k in Settings.names())
-        return (*updates, step_from_link(params))
+        opened = first is not None and all(initial[k] == v for k, v in state.items())  # the warm-up's run
+        shows = outputs(first) if opened else (gr.update(),) * len(results)
+        return (*updates, step_from_link(params), *shows, *layout(first.shown if opened else None))
 
     settings.run.click(
         run_endpoint(lambda *args: on_compute_thread(compute, *args)),
         [*controls, linked_step],
-        [out.summary, *views, out.scrubber, out.summary_json, settings.download, shown, linked_step],
+        [*results, linked_step],
         api_name="run",
         js=URL_JS,
         concurrency_limit=1,
-    ).success(layout, shown, [out.image_group, out.views["particles"]], api_name=False, queue=False).success(
+    ).success(layout, shown, image_views, api_name=False, queue=False).success(
         None, out.scrubber, None, js=STEP_JS, api_name=False, queue=False
     )
     out.scrubber.release(scrub, [shown, out.scrubber], [*views, shown], api_name=False, concurrency_limit=1).success(
@@ -247,7 +253,7 @@ def events(demo: gr.Blocks, catalog: ModelCatalog, settings: Form, out: Page, in
     show_custom = lambda name: (gr.update(visible=name == CUSTOM_RULE),) * len(custom)  # noqa: E731
     rule.change(show_custom, rule, custom, api_name=False, queue=False)
     settings.dice.click(lambda: random.randrange(2**31), None, settings.controls["seed"], api_name=False)
-    demo.load(from_url, None, [*controls, linked_step], api_name=False)
+    demo.load(from_url, None, [*controls, linked_step, *results, *image_views], api_name=False)
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True) -> str:
@@ -268,19 +274,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def warm(catalog: ModelCatalog, model: str) -> None:
-    """What a server's first request would pay for, paid before it serves: the form's defaults run on ``model``
-    and drawn, on the compute thread, and matplotlib's import (gradio sets its backend around every call). A
-    model that fails to load is reported and served anyway: its requests say why."""
-    print(f"warming up: one run of the form's defaults on {model} (--no-warm-up skips it)", flush=True)
+def warm(session: Session, settings: dict[str, Any]) -> Outcome | None:
+    """What a server's first request would pay for, paid before it serves: the run of the form's ``settings``
+    and its views, on the compute thread, and matplotlib's import (gradio sets its backend around every call).
+    A model that fails to load is reported and served anyway (None): its requests say why."""
+    print(f"warming up: one run of the form's defaults on {settings['model']} (--no-warm-up skips it)", flush=True)
     with gr.utils.MatplotlibBackendMananger():  # gradio's own (sic), around each call; nothing when not installed
         pass
     try:
-        result = on_compute_thread(warm_up, catalog, model)
+        return on_compute_thread(session.run, settings)
     except ValueError as err:  # WeightsError among them
-        print(f"app.py: the warm-up on {model} failed, serving anyway: {err}", file=sys.stderr, flush=True)
-        return
-    on_compute_thread(render, Shown.at(result))
+        print(f"app.py: the warm-up on {settings['model']} failed, serving anyway: {err}", file=sys.stderr, flush=True)
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -291,9 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"app.py: {err}") from None
     for name in [*catalog.extra, *catalog.diffusers_models]:
         on_compute_thread(catalog.get, name, model_device(catalog, name))  # fail at start-up, not at the first request
-    if args.warm_up:
-        warm(catalog, default_model())
-    launch(make_app(catalog), args.host, args.port)
+    launch(make_app(catalog, warm_up=args.warm_up), args.host, args.port)
 
 
 if __name__ == "__main__":

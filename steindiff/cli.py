@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", type=Path, help="write the JSON result here (default: stdout summary only)")
     run.add_argument("--grid", type=Path, help="image models: PNG of up to 64 final samples, vanilla | stein")
-    run.add_argument("--no-score", action="store_true", help="skip FD-MNIST and confidence for digit models")
+    run.add_argument("--no-score", action="store_true", help="skip FD-MNIST for digit models")
 
     fit = commands.add_parser("train", help="train a model with the EDM loss (mnist, mlp-ring, ...)")
     fit.add_argument("--model", required=True, help="mnist, or mlp-<preset> for a 2-D mixture preset")

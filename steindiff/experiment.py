@@ -299,5 +299,5 @@ def run_experiment(
         classifier = load_classifier()
         for name, run in result.runs().items():
             s = score_digits(run.samples, classifier)
-            result.scores[name] = {"fd_mnist": s.fd, "confidence": s.confidence, "classes": s.class_counts}
+            result.scores[name] = {"fd_mnist": s.fd, "classes": s.class_counts}
     return result

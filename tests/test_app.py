@@ -244,7 +244,7 @@ def test_digit_scores_of_a_run_with_non_finite_samples_are_marked():
     assert math.isfinite(result.scores["stein"]["fd_mnist"])
     table = summary_markdown(result)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert rows["stein"].count(" †") == 2 and "(8 of 8 samples)" in rows["stein"] and "†" not in rows["vanilla"]
+    assert rows["stein"].count(" †") == 1 and "(8 of 8 samples)" in rows["stein"] and "†" not in rows["vanilla"]
     assert "†: scored with non-finite samples" in table
 
 
@@ -432,7 +432,7 @@ def test_the_warm_up_leaves_the_first_request_no_reference_to_solve():
         return calls[True] - calls[False]
 
     warmed = ModelCatalog()
-    app.warm(warmed, "gmm-ring")  # app_settings.warm_up's run, its views drawn, on the compute thread
+    app.make_app(warmed, first_model="gmm-ring", warm_up=True)  # the form's run and its views, on the compute thread
     assert reference_calls(warmed) == 0
     assert reference_calls(ModelCatalog()) == solve
     assert app.parse_args([]).warm_up and not app.parse_args(["--no-warm-up"]).warm_up
@@ -443,9 +443,8 @@ def test_a_warm_up_on_a_corrupt_model_is_reported_and_the_server_still_serves(tm
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
     catalog = ModelCatalog({"broken": broken})
-    app.warm(catalog, "broken")
+    demo = app.make_app(catalog, first_model="broken", warm_up=True)
     assert "the warm-up on broken failed, serving anyway" in capsys.readouterr().err
-    demo = app.make_app(catalog)
     url = app.launch(demo, port=None, block=False)
     try:
         client = Client(url, verbose=False)

@@ -150,7 +150,7 @@ def test_mnist_grid_and_digit_scores(tmp_path):
     data = json.loads(out.read_text())
     assert data["config"]["stein"]["products"] == "fd"
     for run in ("vanilla", "stein"):
-        assert data[run]["final"]["fd_mnist"] > 0 and 0 < data[run]["final"]["confidence"] <= 1
+        assert data[run]["final"]["fd_mnist"] > 0 and "confidence" not in data[run]["final"]
         assert sum(data[run]["final"]["classes"]) == 8
     from PIL import Image
 

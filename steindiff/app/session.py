@@ -10,7 +10,7 @@ from typing import Any
 
 from steindiff.app.download import write_download
 from steindiff.app.progress import ProgressPlan
-from steindiff.app.settings import LIMITS, Settings
+from steindiff.app.settings import LIMITS, Settings, batch_for_model
 from steindiff.app.summary import summary_markdown
 from steindiff.app.views import Shown, Views, page_summary, render
 from steindiff.experiment import ModelCatalog, run_experiment
@@ -35,6 +35,11 @@ class Session:
     def __init__(self, catalog: ModelCatalog):
         self.catalog = catalog
         self.downloads = Path(tempfile.mkdtemp(prefix="steindiff-downloads-"))
+
+    def initial(self, model: str) -> dict[str, Any]:
+        """The form's first settings on ``model``: /run's defaults, at the batch the form offers for the model."""
+        defaults = Settings.defaults()
+        return {**defaults, "model": model, "batch": batch_for_model(self.catalog, model, defaults["batch"])}
 
     def run(
         self, values: dict[str, Any], linked: int | None = None, progress: Callable[[float, str], None] | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -26,7 +26,7 @@ from steindiff.correction.rule import (
     stein_config,
 )
 from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL, ModelKind
-from steindiff.experiment import Experiment, ExperimentResult, ModelCatalog, run_experiment
+from steindiff.experiment import Experiment, ModelCatalog
 from steindiff.limits import Limits
 from steindiff.records import DiagnosticsConfig
 from steindiff.schedules import SCHEDULES
@@ -44,7 +44,6 @@ __all__ = [
     "default_model",
     "model_device",
     "step_from_link",
-    "warm_up",
 ]
 
 #: what one request to the shared server may ask for
@@ -59,8 +58,9 @@ CUSTOM_RULE = CUSTOM_VARIANT
 DEFAULT_BATCH: dict[ModelKind, int] = {"image": 16, "2d": 2000}
 
 Widget = Literal["dropdown", "slider", "number", "checkbox", "radio"]
-#: where a control sits on the form: the run's own settings, the correction's, its custom clip, the diagnostics
-Group = Literal["run", "stein", "custom", "diagnostics"]
+#: where a control sits on the form: the run's own settings, the correction's, its custom clip (shown with the
+#: custom rule), the probes' and coordinates' (folded away), the diagnostics
+Group = Literal["run", "stein", "custom", "advanced", "diagnostics"]
 
 
 @dataclass(frozen=True)
@@ -122,20 +122,22 @@ class Settings:
     # K = 1, as in the benchmark sweeps: a second probe changed no view in kind at batch 16, and it makes each
     # sampling call a third larger (docs/design.md)
     probes: int = _setting(
-        1, Control("Hutchinson probes K", "slider", "stein", low=1, high=LIMITS.max_probes, whole=True)
+        1, Control("Hutchinson probes K", "slider", "advanced", low=1, high=LIMITS.max_probes, whole=True)
     )
-    probe: str = _setting("rademacher", Control("probe", "radio", "stein", choices=_choices(ProbeKind)))
+    probe: str = _setting("rademacher", Control("probe", "radio", "advanced", choices=_choices(ProbeKind)))
     products: str = _setting(
         "fd",
         Control(
             "Jacobian products (probes and Lipschitz): vjp = autograd, fd = forward differences",
             "radio",
-            "stein",
+            "advanced",
             choices=PROBE_PRODUCTS,
         ),
     )
-    coords: str = _setting("edm", Control("coordinates of the combination", "radio", "stein", choices=_choices(Coords)))
-    variant: str = _setting("batch", Control("gamma from", "radio", "stein", choices=_choices(GammaVariant)))
+    coords: str = _setting(
+        "edm", Control("coordinates of the combination", "radio", "advanced", choices=_choices(Coords))
+    )
+    variant: str = _setting("batch", Control("gamma from", "radio", "advanced", choices=_choices(GammaVariant)))
     lipschitz: bool = _setting(True, Control("local Lipschitz estimates", "checkbox", "diagnostics"))
     reference: bool = _setting(True, Control("error to the reference solution", "checkbox", "diagnostics"))
 
@@ -275,16 +277,6 @@ def batch_for_model(catalog: ModelCatalog, model: str, batch: float | None) -> f
 def default_model() -> str:
     """The model the form starts with: the shipped image network, or ``gmm-ring`` where its weights are missing."""
     return DEFAULT_IMAGE_MODEL if (ASSETS / f"{DEFAULT_IMAGE_MODEL}.safetensors").exists() else "gmm-ring"
-
-
-def warm_up(catalog: ModelCatalog, model: str) -> ExperimentResult:
-    """One run of the form's defaults on ``model``, at the batch the form shows for it, as a server's first
-    request would make it: the model is loaded, the first calls' costs at each shape (kernel choices, on a GPU
-    the context) are paid, and the default seed's reference solution is cached in ``catalog``, so that the
-    first request costs what the next ones do (docs/app-performance.md)."""
-    settings = Settings(model=model)
-    settings = replace(settings, batch=int(batch_for_model(catalog, model, settings.batch)))
-    return run_experiment(settings.experiment(catalog), catalog, LIMITS)
 
 
 def model_device(catalog: ModelCatalog, model: str) -> str:

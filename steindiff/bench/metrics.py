@@ -10,6 +10,7 @@ softmax probability over the samples.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "DigitScores",
     "classify_digits",
     "frechet_distance",
+    "real_digit_fd",
     "load_classifier",
     "score_digits",
     "scores_from_features",
@@ -192,6 +194,22 @@ def scores_from_features(features: torch.Tensor, probs: torch.Tensor, classifier
     fd = frechet_distance(features.mean(0), torch.cov(features.T), classifier.ref_mean, classifier.ref_cov)
     counts = torch.bincount(probs.argmax(1), minlength=10).tolist()
     return DigitScores(fd if math.isfinite(fd) else math.inf, float(probs.max(1).values.mean()), counts, len(features))
+
+
+@functools.lru_cache(maxsize=8)
+def real_digit_fd(batch: int, draws: int = 20, seed: int = 0) -> tuple[float, float]:
+    """FD-MNIST's own spread at ``batch``: the mean and standard deviation over ``draws`` random batches of real
+    MNIST digits, what a perfect sampler would score. Small batches score high and scatter widely."""
+    digits = load_mnist()[0]
+    generator = torch.Generator().manual_seed(seed)
+    classifier = load_classifier()
+    scores = torch.tensor(
+        [
+            score_digits(digits[torch.randperm(len(digits), generator=generator)[:batch]], classifier).fd
+            for _ in range(draws)
+        ]
+    )
+    return float(scores.mean()), float(scores.std())
 
 
 def score_digits(samples: torch.Tensor, classifier: LoadedClassifier | None = None) -> DigitScores:
