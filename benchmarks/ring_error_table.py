@@ -53,7 +53,7 @@ def main() -> None:
                 errors["vanilla"].append(literal.vanilla.final_err_ref)
                 errors["literal"].append(literal.stein.final_err_ref)
                 errors["capped"].append(capped.stein.final_err_ref)
-                peak.append(max(r.gamma_raw for r in literal.stein.trace))
+                peak.append(max(r.value("gamma_raw") for r in literal.stein.trace))
             print(
                 f"| {solver} | {nfe} ({spec.nfe(steps)}) | {cell(errors['vanilla'])} | {cell(errors['literal'])} "
                 f"| {cell(errors['capped'])} | {max(peak):.3g} |",

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
+from steindiff.correction.rule import SteinStats
 from steindiff.diagnostics.jacobians import JacobianMode
 from steindiff.diagnostics.reference import LATTICE_METHODS, FlowSolution, LatticeMethod
 
-__all__ = ["Comparison", "DiagnosticsConfig", "RunResult", "StepRecord"]
+__all__ = ["STATS_FIELDS", "Comparison", "DiagnosticsConfig", "RunResult", "StepRecord"]
 
 
 @dataclass(frozen=True)
@@ -59,22 +60,22 @@ class DiagnosticsConfig:
             raise ValueError(f"reference_method must be one of {LATTICE_METHODS}, got {self.reference_method!r}")
 
 
+#: the statistics of :class:`~steindiff.correction.rule.SteinStats` a step record shows, in their place among its
+#: fields (after ``time_s``): what :meth:`StepRecord.as_dict` flattens and :meth:`StepRecord.value` reads
+STATS_FIELDS = ("gamma_raw", "gamma", "s_xu", "s_uu", "s_div", "s_div_se", "gamma_se")
+
+
 @dataclass
 class StepRecord:
-    """One step of one run. Stein fields are None when no statistics were computed."""
+    """One step of one run: its noise levels, cost and diagnostics, and the Stein statistics ``stats`` (None
+    when no statistics were computed). Read a field or a statistic by name with :meth:`value`."""
 
     step: int
     sigma: float
     sigma_next: float
     nfe: int
     time_s: float
-    gamma_raw: float | None = None
-    gamma: float = 1.0
-    s_xu: float | None = None
-    s_uu: float | None = None
-    s_div: float | None = None
-    s_div_se: float | None = None
-    gamma_se: float | None = None
+    stats: SteinStats | None = None
     lipschitz_max: float | None = None
     lipschitz_median: float | None = None
     lipschitz_denoiser_max: float | None = None
@@ -84,9 +85,26 @@ class StepRecord:
     finite: bool = True
     diagnostics_time_s: float = 0.0
 
+    def value(self, name: str) -> float | None:
+        """The record's field ``name`` or, for a name of :data:`STATS_FIELDS`, the statistic: None when no
+        statistics were computed, except gamma, which is then 1 (the solver's own step)."""
+        if name in STATS_FIELDS:
+            if self.stats is None:
+                return 1.0 if name == "gamma" else None
+            return getattr(self.stats, name)
+        if name == "stats" or name not in self.__dataclass_fields__:
+            raise ValueError(f"a step record has no value {name!r}")
+        return getattr(self, name)
+
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: non-finite numbers become None (see ``finite`` and the raw gamma's sign)."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        """JSON-ready, the statistics flattened in place of ``stats``: non-finite numbers become None (see
+        ``finite`` and the raw gamma's sign)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            for name in STATS_FIELDS if f.name == "stats" else (f.name,):
+                value = self.value(name)
+                out[name] = None if isinstance(value, float) and not math.isfinite(value) else value
+        return out
 
 
 @dataclass
@@ -115,12 +133,12 @@ class RunResult:
     def gamma_moves(self) -> tuple[int, int]:
         """(steps where the rule ran, those of them whose gamma was not 1): where the Stein coefficient
         changed the solver's step (a run that only observes records gamma = 1 throughout)."""
-        return sum(r.gamma_raw is not None for r in self.trace), len(self.moved_gammas)
+        return sum(r.stats is not None for r in self.trace), len(self.moved_gammas)
 
     @property
     def moved_gammas(self) -> list[float]:
         """The applied gamma at each step where the rule ran and gamma was not 1, in step order."""
-        return [r.gamma for r in self.trace if r.gamma_raw is not None and r.gamma != 1]
+        return [r.value("gamma") for r in self.trace if r.stats is not None and r.value("gamma") != 1]
 
     def summary(self) -> dict[str, Any]:
         """The JSON form: ``trace``, ``final`` and ``nfe_total``."""

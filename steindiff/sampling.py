@@ -127,11 +127,7 @@ def _integrate(
             result, div_t = probed_step(spec, counter, x, grid, k, history, options, stein, probe_gen)
             x_next, stats = stein_update(x, result.x_next.detach(), div_t, sigma, sigma_next, stein)
         x_next = x_next.detach()
-        record = StepRecord(k, sigma, sigma_next, counter.nfe - nfe_before, time.perf_counter() - start)
-        if stats is not None:
-            record.gamma_raw, record.gamma = stats.gamma_raw, stats.gamma
-            record.s_xu, record.s_uu, record.s_div = stats.s_xu, stats.s_uu, stats.s_div
-            record.s_div_se, record.gamma_se = stats.s_div_se, stats.gamma_se
+        record = StepRecord(k, sigma, sigma_next, counter.nfe - nfe_before, time.perf_counter() - start, stats)
         record.finite = bool(torch.isfinite(x_next).all())
         if reference is not None:
             record.err_ref = mean_distance(x_next[: len(reference[k + 1])], reference[k + 1])

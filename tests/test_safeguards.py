@@ -95,9 +95,9 @@ def test_safeguarded_sampling_never_leaves_finite_states_where_the_literal_rule_
             safe = sample(model, x, sigmas, solver, stein=stein_config("stein-safe", probes=2), keep_states=False)
             assert bool(torch.isfinite(safe.samples).all())
             bound = [r.sigma / (r.sigma - r.sigma_next) for r in safe.trace]
-            assert all(1 <= r.gamma <= b + 1e-12 for r, b in zip(safe.trace, bound, strict=True))
+            assert all(1 <= r.value("gamma") <= b + 1e-12 for r, b in zip(safe.trace, bound, strict=True))
             if solver == "ddim" and nfe == 10:  # the literal rule's blow-up, for contrast
-                assert max(r.gamma for r in literal.trace) > 100
+                assert max(r.value("gamma") for r in literal.trace) > 100
 
 
 def test_trust_region_falls_back_to_the_solver_when_the_rule_is_far_past_the_posterior_mean():
@@ -141,7 +141,7 @@ def test_lookahead_costs_no_extra_nfe_and_its_last_step_is_the_solvers(solver):
     run = sample(model, x, sigmas, solver, stein=stein_config("sc-lookahead", probes=1))
     assert run.nfe_total == get_solver(solver).nfe(5)
     assert [r.nfe for r in run.trace] == [2, 1, 1, 1, 0]
-    assert run.trace[-1].gamma == 1.0  # into sigma = 0 the trust region's bound is 1
+    assert run.trace[-1].value("gamma") == 1.0  # into sigma = 0 the trust region's bound is 1
 
 
 def test_lookahead_leaves_solvers_that_already_look_ahead_alone():

@@ -61,7 +61,7 @@ def test_same_seed_same_samples_and_trace():
     first, second = _ring_compare(batch=64), _ring_compare(batch=64)
     for a, b in ((first.vanilla, second.vanilla), (first.stein, second.stein)):
         assert torch.equal(a.samples, b.samples)
-        assert [r.gamma_raw for r in a.trace] == [r.gamma_raw for r in b.trace]
+        assert [r.value("gamma_raw") for r in a.trace] == [r.value("gamma_raw") for r in b.trace]
         assert [r.lipschitz_max for r in a.trace] == [r.lipschitz_max for r in b.trace]
     other = _ring_compare(batch=64, seed=1)
     assert not torch.equal(other.stein.samples, first.stein.samples)
@@ -87,7 +87,7 @@ def test_the_runs_share_their_identical_first_call_and_nothing_else(products, ca
     for run, config in ((result.vanilla, observer), (result.stein, stein)):
         alone = sample(model, x, sigmas, "dpmpp_2m", stein=config, diagnostics=none, seed=2)
         assert torch.equal(run.samples, alone.samples)
-        assert [r.gamma_raw for r in run.trace] == [r.gamma_raw for r in alone.trace]
+        assert [r.value("gamma_raw") for r in run.trace] == [r.value("gamma_raw") for r in alone.trace]
 
 
 @pytest.mark.slow
@@ -118,7 +118,9 @@ def test_vjp_probes_in_chunks_give_the_whole_batchs_run(monkeypatch, model_name,
     assert (whole.samples - chunked.samples).norm() <= tolerance * whole.samples.norm()
     for a, b in zip(whole.trace, chunked.trace, strict=True):
         assert a.nfe == b.nfe
-        assert a.s_div == pytest.approx(b.s_div, rel=tolerance) and a.gamma == pytest.approx(b.gamma, rel=tolerance)
+        assert a.value("s_div") == pytest.approx(b.value("s_div"), rel=tolerance) and a.value("gamma") == pytest.approx(
+            b.value("gamma"), rel=tolerance
+        )
 
 
 @pytest.mark.slow
@@ -134,8 +136,8 @@ def test_trace_has_every_quantity_and_serialises():
         assert summary["final"]["err_ref"] == pytest.approx(run.trace[-1].err_ref)
         assert len(run.states) == 6 and len(run.denoised) == 5
     # the vanilla run records what the rule would have proposed, and applies gamma = 1
-    assert all(r.gamma == 1 and r.gamma_raw is not None for r in result.vanilla.trace)
-    assert result.vanilla.trace[0].gamma_raw == pytest.approx(result.stein.trace[0].gamma_raw)
+    assert all(r.value("gamma") == 1 and r.value("gamma_raw") is not None for r in result.vanilla.trace)
+    assert result.vanilla.trace[0].value("gamma_raw") == pytest.approx(result.stein.trace[0].value("gamma_raw"))
 
 
 def test_progress_announces_the_reference_and_the_lipschitz_estimates_around_the_runs_steps():
@@ -179,11 +181,11 @@ def test_the_literal_rule_explodes_on_the_exact_ring_and_the_cap_holds():
     then a blow-up once the first corrected step has landed near the posterior mean."""
     literal = _ring_compare(lipschitz=False)
     sigmas = literal.sigmas
-    assert literal.stein.trace[0].gamma_raw == pytest.approx(sigmas[0] / (sigmas[0] - sigmas[1]), rel=0.05)
-    assert literal.stein.trace[1].gamma_raw > 10
+    assert literal.stein.trace[0].value("gamma_raw") == pytest.approx(sigmas[0] / (sigmas[0] - sigmas[1]), rel=0.05)
+    assert literal.stein.trace[1].value("gamma_raw") > 10
     assert literal.stein.final_err_ref > 10 * literal.vanilla.final_err_ref
     capped = _ring_compare(stein=SteinConfig(gamma_max=1.0), lipschitz=False)
-    assert all(0.1 <= r.gamma <= 1.0 for r in capped.stein.trace)
+    assert all(0.1 <= r.value("gamma") <= 1.0 for r in capped.stein.trace)
     assert capped.stein.final_err_ref < 2 * capped.vanilla.final_err_ref
 
 
@@ -193,7 +195,7 @@ def test_lipschitz_of_the_corrected_map_includes_gamma():
     van, cor = result.vanilla.trace[0], result.stein.trace[0]
     ratio = result.sigmas[1] / result.sigmas[0]  # T is nearly linear at sigma = 80: J_T ~ ratio * I
     assert van.lipschitz_max == pytest.approx(ratio, rel=0.05)
-    assert cor.lipschitz_max == pytest.approx(abs(1 - cor.gamma + cor.gamma * ratio), rel=0.05)
+    assert cor.lipschitz_max == pytest.approx(abs(1 - cor.value("gamma") + cor.value("gamma") * ratio), rel=0.05)
 
 
 @pytest.mark.parametrize(
@@ -310,7 +312,7 @@ def test_a_diverging_run_is_a_result_not_a_crash(products):
 def test_variants_run_and_record(stein):
     result = _ring_compare(stein=stein, batch=64, lipschitz=False)
     assert len(result.stein.trace) == 5
-    assert all(r.s_uu is not None and r.s_div is not None for r in result.stein.trace)
+    assert all(r.value("s_uu") is not None and r.value("s_div") is not None for r in result.stein.trace)
 
 
 def test_image_model_with_hutchinson_and_power_iteration():
@@ -333,3 +335,24 @@ def test_bad_grid_is_refused():
     model = load_model("gmm-ring")
     with pytest.raises(ValueError, match="decreasing"):
         sample(model, torch.zeros(2, 2), [1.0, 2.0, 0.0])
+
+
+def test_a_step_record_flattens_its_stats_in_place_and_reads_them_by_name():
+    keys = ["step", "sigma", "sigma_next", "nfe", "time_s", *STATS_FIELDS]
+    keys += ["lipschitz_max", "lipschitz_median", "lipschitz_denoiser_max", "bound_paper", "lipschitz_flow_max"]
+    keys += ["err_ref", "finite", "diagnostics_time_s"]
+    plain = StepRecord(0, 2.0, 1.0, 1, 0.5, err_ref=math.inf)
+    assert list(plain.as_dict()) == keys
+    assert plain.as_dict()["gamma"] == 1.0 == plain.value("gamma") and plain.as_dict()["err_ref"] is None
+    assert all(plain.as_dict()[k] is None and plain.value(k) is None for k in STATS_FIELDS if k != "gamma")
+    stats = SteinStats(2.5, 1.5, 0.1, 0.2, 0.3, 0.01, math.nan, applied=torch.tensor(1.5), scale=1.0)
+    ruled = StepRecord(1, 1.0, 0.0, 1, 0.5, stats, lipschitz_max=0.9)
+    row = ruled.as_dict()
+    assert list(row) == keys and "applied" not in row and "scale" not in row
+    assert [row[k] for k in STATS_FIELDS] == [2.5, 1.5, 0.1, 0.2, 0.3, 0.01, None]
+    assert (
+        ruled.value("gamma_raw") == 2.5 and math.isnan(ruled.value("gamma_se")) and ruled.value("lipschitz_max") == 0.9
+    )
+    for name in ("stats", "nonsense"):
+        with pytest.raises(ValueError, match="no value"):
+            ruled.value(name)

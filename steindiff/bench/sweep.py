@@ -197,7 +197,7 @@ def _summarise_block(index: int, run: RunResult, reference: torch.Tensor, metric
     samples = run.samples
     finite = torch.isfinite(samples.flatten(1)).all(1)
     errors = (samples[: len(reference)].double() - reference.double()).flatten(1).norm(dim=1).cpu()
-    raw = [r.gamma_raw for r in run.trace if r.gamma_raw is not None and not math.isnan(r.gamma_raw)]
+    raw = [v for r in run.trace if (v := r.value("gamma_raw")) is not None and not math.isnan(v)]
     return _Block(
         index,
         metric.features(samples) if metric is not None else None,
