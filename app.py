@@ -39,7 +39,7 @@ from steindiff.app.views import Shown, Views, render
 from steindiff.experiment import ModelCatalog
 
 HERE = Path(__file__).resolve().parent / "steindiff" / "app"
-EXPLANATION, CSS = ((HERE / name).read_text() for name in ("explanation.md", "style.css"))
+EXPLANATION, CSS, JS = ((HERE / name).read_text() for name in ("explanation.md", "style.css", "page.js"))
 #: system fonts only: the default theme would fetch web fonts from outside the machine
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 #: the run's image views: PNG, and no "share" button (gradio's posts to Hugging Face Spaces discussions)
@@ -258,7 +258,14 @@ def events(demo: gr.Blocks, session: Session, settings: Form, out: Page, initial
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True) -> str:
     """Start the server (loopback by default) and return its URL."""
-    options = {"ssr_mode": False, "show_error": True, "theme": THEME, "css": CSS, "prevent_thread_lock": not block}
+    options = {
+        "ssr_mode": False,
+        "show_error": True,
+        "theme": THEME,
+        "css": CSS,
+        "js": JS,
+        "prevent_thread_lock": not block,
+    }
     return demo.launch(server_name=host, server_port=port, **options)[1]
 
 

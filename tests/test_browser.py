@@ -83,6 +83,7 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     page.wait_for_selector("text=Lesson presets")
     run_button = page.get_by_role("button", name="Run", exact=True).bounding_box()
     assert run_button["y"] >= 0 and run_button["y"] + run_button["height"] <= 800, run_button  # Run in sight
+    _clear_of_the_run_button(page)
     page.set_viewport_size({"width": 1400, "height": 1700})
     sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mlp-ring")  # state from the URL
     sync_api.expect(page.get_by_label("seed", exact=True)).to_have_value("3")
@@ -104,18 +105,18 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     try:
         page.wait_for_selector("td:text-is('stein')", timeout=120_000)
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 1", timeout=60_000)
-        _wait_for_images(page, 6)  # x_k and the predicted x0 of both runs, the slider's pair
+        _wait_for_images(page, 2)  # x_k of both runs, in the first tab
     finally:  # the page as the run left it, or as far as it got
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app-after-run.png"), full_page=True)
     views = page.evaluate(
-        """() => Array.from(document.querySelectorAll('.run-image')).map(view => ({
+        """() => Array.from(document.querySelectorAll('.run-image')).filter(v => v.offsetParent).map(view => ({
             label: view.querySelector('[data-testid=block-label]').getBoundingClientRect().bottom,
             image: view.querySelector('img').getBoundingClientRect().top,
             share: view.querySelectorAll('button[aria-label=Share]').length,
         }))"""
     )
-    assert len(views) == 5, views  # x_k and predicted x0 of both runs, the slider
+    assert len(views) == 2, views  # x_k of both runs; the slider and the predicted x0 in their tabs
     assert all(view["image"] >= view["label"] for view in views), views  # no label covers a sample
     assert all(view["share"] == 0 for view in views), views  # nothing offers to post off the machine
     assert "solver=heun" in page.url and "model=mnist" in page.url and "seed=3" in page.url and "batch=16" in page.url
@@ -132,6 +133,33 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
     assert errors == [], errors
     assert outside == [], outside
+
+
+def _clear_of_the_run_button(page) -> None:
+    """No label or input of the page shares any area with the Run button."""
+    boxes = page.evaluate(
+        """() => {
+            const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+            const run = document.querySelector('#run');
+            const controls = [...document.querySelectorAll('label, input, select, textarea, [data-testid=block-info]')]
+                .filter(e => e.offsetParent && !run.contains(e) && e.getBoundingClientRect().width > 0);
+            return {run: box(run), controls: controls.map(e => [e.outerHTML.slice(0, 80), box(e)])};
+        }"""
+    )
+    covered = [html for html, box in boxes["controls"] if not _disjoint(box, boxes["run"])]
+    assert covered == [], covered
+
+
+def _clip_paths_resolve(page) -> None:
+    """Every clip-path on the page points at an element of this page, at its current URL."""
+    refs = page.evaluate(
+        """() => [...document.querySelectorAll('[clip-path]')].map(e => e.getAttribute('clip-path'))
+            .filter(v => v.startsWith('url('))
+            .map(v => { const m = v.match(/url\\(['"]?([^#'")]*)#([^'")]+)/);
+                        return [m[1], m[2], m[1] === '' || m[1] === window.location.href.split('#')[0],
+                                document.getElementById(m[2]) !== null]; })"""
+    )
+    assert refs and all(here and found for _, _, here, found in refs), [r for r in refs if not (r[2] and r[3])]
 
 
 def _disjoint(a: list[float], b: list[float]) -> bool:
@@ -171,6 +199,41 @@ def _assert_readable(page) -> None:
         assert all(_disjoint(a, b) for i, a in enumerate(titles) for b in titles[i + 1 :]), plot
 
 
+@pytest.fixture(scope="module")
+def warm_server():
+    """The app as `python app.py` serves it: the form's run made before serving, shown when a page opens."""
+    from conftest import free_port
+
+    import app
+    from steindiff.experiment import ModelCatalog
+
+    demo = app.make_app(ModelCatalog(), warm_up=True)
+    yield app.launch(demo, port=free_port(), block=False)
+    demo.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("width", "height"), [(1366, 768), (1920, 1080)])
+def test_the_first_screen_shows_a_run_and_a_run_brings_the_diagnostics_into_reach(warm_server, page, width, height):
+    errors, outside = _watch(page)
+    page.set_viewport_size({"width": width, "height": height})
+    page.goto(warm_server)
+    # before any click: the warm-up's run, its table, its grids and its diagnostics
+    page.wait_for_selector("td:text-is('stein')", timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('#diagnostics .main-svg').length >= 1", timeout=30_000)
+    _wait_for_images(page, 2)
+    _clear_of_the_run_button(page)
+    page.get_by_label("seed", exact=True).fill("1")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.wait_for_selector("text=seed 1", timeout=120_000)
+    page.wait_for_function("document.querySelectorAll('#diagnostics .main-svg').length >= 1", timeout=30_000)
+    top = page.evaluate("() => document.querySelector('#diagnostics').getBoundingClientRect().top + window.scrollY")
+    assert top <= 1150, top  # the diagnostics in reach, not below every image view
+    _clear_of_the_run_button(page)
+    assert errors == [], errors
+    assert outside == [], outside
+
+
 @pytest.mark.slow
 def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber(server, page):
     errors, outside = _watch(page)
@@ -200,11 +263,22 @@ def test_a_link_with_a_step_opens_its_run_there_and_the_url_follows_the_scrubber
     _scrub_to(page, "End")
     page.wait_for_selector("text=step 4 of 4", timeout=60_000)
     page.wait_for_function("window.location.search.includes('step=4')", timeout=10_000)
+    _clip_paths_resolve(page)
+    # the URL changes under figures already drawn (as the app's own URL state does), and plotly redraws them
+    page.evaluate("() => history.replaceState(null, '', window.location.search + '&shared=1')")
+    _clip_paths_resolve(page)
+    page.set_viewport_size({"width": 1000, "height": 1700})
+    page.wait_for_function(
+        "[...document.querySelectorAll('.run-plot .main-svg')].every(s => s.getBoundingClientRect().width < 980)",
+        timeout=10_000,
+    )
+    _clip_paths_resolve(page)  # the trajectories still clip to their panels
     page.get_by_label("seed", exact=True).fill("6")
     page.get_by_role("button", name="Run", exact=True).click()  # the link's step is spent: a run opens at its last
     # the run's settings go into the URL as it starts, the shown step when every view has landed
     page.wait_for_function("['seed=6', 'step='].every(s => window.location.search.includes(s))", timeout=60_000)
     assert "step=4" in page.url
     sync_api.expect(page.locator("text=/step \\d+ of 4/").first).to_contain_text("step 4 of 4")
+    _clip_paths_resolve(page)
     assert errors == [], errors
     assert outside == [], outside
