@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from steindiff.bench.cost import cost_cases, measure_cost
 from steindiff.bench.cost import markdown_table as cost_table
 from steindiff.bench.metrics import train_classifier
 from steindiff.bench.quality import quality_metric
-from steindiff.bench.report import write_outputs
+from steindiff.bench.report import open_sweep, write_outputs
 from steindiff.bench.sweep import VARIANTS, BenchConfig, run_bench
 from steindiff.correction.rule import (
     CUSTOM_VARIANT,
@@ -37,14 +38,23 @@ from steindiff.correction.rule import (
 from steindiff.denoisers import MODELS
 from steindiff.diagnostics.jacobians import JacobianMode
 from steindiff.experiment import Experiment, ModelCatalog, check_device, run_experiment
-from steindiff.images import image_grid, save_png, side_by_side
+from steindiff.images import image_grid, png_bytes, side_by_side
 from steindiff.limits import Limits
+from steindiff.output.files import WriteError, check_file, check_folder, write_files
 from steindiff.records import DiagnosticsConfig
 from steindiff.schedules import SCHEDULES
 from steindiff.solvers import SOLVERS, SolverOptions
 from steindiff.train import TrainConfig, train
 
 PRODUCTS_HELP = "each probe by a VJP (the paper), all K VJPs in one backward, or a forward difference"
+BENCH_HELP = """The sweep: quality, err_ref, NFE and time per solver x schedule x NFE x variant, for every seed.
+
+Each cell (one seed of one solver x schedule x NFE x variant) is saved in --out as it finishes (cells.jsonl,
+with the sweep's settings in sweep.json). Running the same command again resumes: saved cells are skipped and
+the results are those of an uninterrupted sweep. A folder holding a sweep with other settings is refused;
+--fresh discards its saved cells and starts over. Ctrl-C stops with every finished cell saved (exit 130)."""
+#: exit status after an interrupt (128 + SIGINT), as a shell reports it
+INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     fit.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
-    bench = commands.add_parser("bench", help="the sweep: quality, err_ref, NFE and time per solver x NFE x variant")
+    bench = commands.add_parser(
+        "bench",
+        help="the sweep: quality, err_ref, NFE and time per solver x NFE x variant (resumable)",
+        description=BENCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bench.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}, or diffusers:<hub id or folder>")
     bench.add_argument("--solvers", type=_names, default=BenchConfig.solvers, help="comma-separated")
     bench.add_argument("--schedules", type=_names, default=BenchConfig.schedules, help="comma-separated")
@@ -190,7 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--reference-log-step", type=_positive, help="RK4 step in log sigma (default: 0.025 exact, 0.1 networks)"
     )
-    bench.add_argument("--out", type=Path, required=True, help="folder for results.{json,csv,md} and metric.png")
+    bench.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for results.{json,csv,md} and metric.png, and the saved cells a rerun resumes from",
+    )
+    bench.add_argument(
+        "--fresh", action="store_true", help="discard the cells saved in --out by an earlier run and start over"
+    )
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--half", action="store_true", help="diffusers models on CUDA: the network in float16")
 
@@ -255,16 +278,35 @@ def experiment_from_args(args: argparse.Namespace, catalog: ModelCatalog) -> Exp
     )
 
 
-def run_sample(args: argparse.Namespace) -> dict:
-    """Run the comparison described by parsed arguments, write the grid if asked, return the JSON."""
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an output path that cannot be written now, before the run, rather than lose the run after it."""
+    if args.command == "sample":
+        for option in ("out", "grid"):
+            if getattr(args, option) is not None:
+                check_file(getattr(args, option), f"--{option}")
+        if args.out is not None and args.grid is not None and args.out.resolve() == args.grid.resolve():
+            raise ValueError("--out and --grid name the same file")
+    elif args.command == "bench":
+        check_folder(args.out, "--out")
+    elif args.command == "train":
+        check_folder(args.out, "--out")
+        if args.export is not None:
+            check_file(args.export, "--export")
+
+
+def run_sample(args: argparse.Namespace) -> tuple[dict, bytes | None]:
+    """Run the comparison described by parsed arguments: the JSON, and the grid's PNG if asked (written by the
+    caller with the JSON, once both exist)."""
     catalog = ModelCatalog(any_diffusers=True, half=args.half)
-    result = run_experiment(experiment_from_args(args, catalog), catalog)
+    experiment = experiment_from_args(args, catalog)
+    if args.grid is not None and catalog.kind(args.model) != "image":
+        raise ValueError("--grid needs an image model")
+    result = run_experiment(experiment, catalog)
+    grid = None
     if args.grid is not None:
-        if result.model.kind != "image":
-            raise ValueError("--grid needs an image model")
         grids = [image_grid(result.model.decode(run.samples[:64]), scale=2) for run in result.runs().values()]
-        save_png(args.grid, side_by_side(grids))
-    return result.to_json()
+        grid = png_bytes(side_by_side(grids))
+    return result.to_json(), grid
 
 
 def _fmt(value: float | None) -> str:
@@ -327,27 +369,58 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown model {args.model!r}; choose from {', '.join(catalog.names())}")
     check_device(args.device)
     shard = distributed.start(args.device)
+    folder = None
+    cells = len(config.seeds) * len(config.solvers) * len(config.schedules) * len(config.nfe) * len(config.variants)
+    start = math.nan  # the sweep's start, once the model is loaded
     try:
+        opened: tuple[dict, str] = ({}, "")
+        if shard.is_main:  # rank 0 alone reads and writes the folder; every rank skips the cells it holds
+            try:
+                settings = {"device": torch.device(args.device).type, "half": args.half}
+                folder = open_sweep(args.out, config, settings, fresh=args.fresh)
+                opened = (dict(folder.done), "")
+            except (ValueError, WriteError) as err:
+                opened = ({}, str(err))
+        done, problem = distributed.gather(opened, shard)[0]
+        if problem:
+            raise ValueError(problem)
+        if done and shard.is_main:
+            print(f"resuming: {len(done)} of {cells} cells saved in {args.out} (--fresh starts over)", file=sys.stderr)
         model = catalog.get(args.model, shard.device)
         metric = quality_metric(args.model, model)
         per_rank = len(range(shard.rank, config.blocks, shard.world))
-        total = per_rank * len(config.seeds) * len(config.solvers) * len(config.schedules) * len(config.nfe)
-        with tqdm(total=total * len(config.variants), desc=f"bench {args.model}", disable=not shard.is_main) as bar:
+        bar = tqdm(
+            total=cells * per_rank, initial=len(done) * per_rank, desc=f"bench {args.model}", disable=not shard.is_main
+        )
+        with bar:
             start = time.perf_counter()
-            results = run_bench(config, model, metric, shard, on_block=bar.update)
-        if shard.is_main:
+            save = folder.save if folder is not None else None
+            results = run_bench(config, model, metric, shard, on_block=bar.update, done=done, on_cell=save)
+        if folder is not None:
             launcher = (
                 "python -m steindiff " if shard.world == 1 else f"torchrun --nproc_per_node={shard.world} -m steindiff "
             )
+            seconds = time.perf_counter() - start
             facts = {
                 "machine": machine_description(shard),
                 "processes": shard.world,
-                "wall time": f"{time.perf_counter() - start:.0f} s",
+                "wall time": f"{folder.earlier_s + seconds:.0f} s",
                 "command": launcher + " ".join(args.argv),
             }
             paths = write_outputs(config, results, args.out, facts)
+            folder.close("complete", seconds)
             print(paths["results.md"].read_text())
             print("wrote " + ", ".join(str(p) for p in paths.values()))
+    except KeyboardInterrupt:
+        if folder is not None:
+            with contextlib.suppress(WriteError):
+                folder.close("incomplete", 0.0 if math.isnan(start) else time.perf_counter() - start)
+            print(
+                f"steindiff: interrupted: {len(folder.done)} of {cells} cells saved in {folder.cells_path}; "
+                "run the same command again to resume (--fresh starts over)",
+                file=sys.stderr,
+            )
+        return INTERRUPTED
     finally:
         distributed.stop(shard)
     return 0
@@ -388,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        check_outputs(args)
         if args.command == "train":
             return run_train(args)
         if args.command == "bench":
@@ -397,14 +471,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train-classifier":
             print(json.dumps(train_classifier(epochs=args.epochs, seed=args.seed), indent=1))
             return 0
-        out = run_sample(args)
-    except ValueError as err:
+        out, grid = run_sample(args)
+        print_summary(out)
+        files = {args.out: json.dumps(out, indent=1, allow_nan=False)} if args.out is not None else {}
+        if grid is not None:
+            files[args.grid] = grid
+        write_files(files)
+    except (ValueError, WriteError) as err:
         parser.exit(2, f"steindiff: error: {err}\n")
-    print_summary(out)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1, allow_nan=False))
-        print(f"wrote {args.out}")
+    except KeyboardInterrupt:
+        if args.command != "sample":
+            parser.exit(INTERRUPTED, "steindiff: interrupted\n")
+        kept = [str(p) for p in (args.out, args.grid) if p is not None and p.exists()]
+        left = f"; {', '.join(kept)} left as an earlier run wrote {'them' if len(kept) > 1 else 'it'}" if kept else ""
+        parser.exit(INTERRUPTED, f"steindiff: interrupted: nothing written{left}\n")
+    for path in files:
+        print(f"wrote {path}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["image_grid", "save_png", "side_by_side"]
+from steindiff.output.files import write_file
+
+__all__ = ["image_grid", "png_bytes", "save_png", "side_by_side"]
 
 NONFINITE_RGB = (255, 0, 255)
 
@@ -46,8 +49,13 @@ def side_by_side(grids: Sequence[np.ndarray], gap: int = 8) -> np.ndarray:
     return canvas
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array encoded as PNG, for writing with other files at once."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_png(path: str | Path, image: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 array as PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    """Write an (H, W, 3) uint8 array as PNG, whole or not at all (its folder made if missing)."""
+    write_file(path, png_bytes(image))

@@ -1,13 +1,15 @@
-"""The benchmark's files: per-seed CSV and JSON, a Markdown table over seeds, a PNG of the metric against NFE."""
+"""The benchmark's files: per-seed CSV and JSON, a Markdown table over seeds, a PNG of the metric against NFE;
+and the sweep's progress in its folder (``sweep.json``, ``cells.jsonl``), so that an interrupted sweep resumes."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from steindiff.bench.sweep import BenchConfig, CellResult, as_records, summarise
+from steindiff.output.files import WriteError, append_line, write_file, write_files
 
-__all__ = ["headline", "markdown_table", "metric_figure", "verdicts", "write_outputs"]
+__all__ = ["SweepFolder", "headline", "markdown_table", "metric_figure", "open_sweep", "verdicts", "write_outputs"]
 
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -182,8 +185,8 @@ def metric_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
 
 
 def write_outputs(config: BenchConfig, results: list[CellResult], out: Path, facts: dict[str, Any]) -> dict[str, Path]:
-    """Write results.json (config, facts, per-seed rows, summary), results.csv, results.md and metric.png."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write results.json (config, facts, per-seed rows, summary), results.csv, results.md and metric.png: all
+    four are made in memory and replace the old ones together, so a failure leaves the folder as it was."""
     records, rows = as_records(results), summarise(results)
     paths = {name: out / name for name in ("results.json", "results.csv", "results.md", "metric.png")}
 
@@ -196,11 +199,10 @@ def write_outputs(config: BenchConfig, results: list[CellResult], out: Path, fac
         "per_seed": [{k: clean(v) for k, v in r.items()} for r in records],
         "summary": [{k: clean(v) for k, v in r.items()} for r in rows],
     }
-    paths["results.json"].write_text(json.dumps(document, indent=1) + "\n")
-    with paths["results.csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
-        writer.writeheader()
-        writer.writerows(records)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
+    writer.writeheader()
+    writer.writerows(records)
     header = (
         f"# {config.model}: {len(config.seeds)} seed(s) x {config.samples} samples a cell, "
         f"batch {config.batch}, K = {config.probes} probes\n\n"
@@ -208,8 +210,114 @@ def write_outputs(config: BenchConfig, results: list[CellResult], out: Path, fac
         + "\nMean ± standard deviation over seeds. †: some samples were non-finite (NaN or overflow); 'diverged':\n"
         + "the metric itself is infinite. NFE (n): the solver realised n evaluations.\n\n"
     )
-    paths["results.md"].write_text(header + "\n".join(verdicts(rows)) + "\n\n" + markdown_table(rows))
     figure = metric_figure(rows, f"{config.model}: {headline(rows)} vs NFE")
-    figure.savefig(paths["metric.png"], dpi=110)
-    plt.close(figure)
+    plot = io.BytesIO()
+    try:
+        figure.savefig(plot, format="png", dpi=110)
+    finally:
+        plt.close(figure)
+    write_files(
+        {
+            paths["results.json"]: json.dumps(document, indent=1) + "\n",
+            paths["results.csv"]: table.getvalue(),
+            paths["results.md"]: header + "\n".join(verdicts(rows)) + "\n\n" + markdown_table(rows),
+            paths["metric.png"]: plot.getvalue(),
+        }
+    )
     return paths
+
+
+#: the sweep's settings and state, checked when a command resumes into the folder
+SWEEP_FILE = "sweep.json"
+#: one JSON line per finished cell (one seed of one solver x schedule x NFE x variant), appended as it finishes
+CELLS_FILE = "cells.jsonl"
+
+
+@dataclass
+class SweepFolder:
+    """A sweep's --out folder while it fills: the cells saved so far, by key, and where to save the next."""
+
+    path: Path
+    settings: dict[str, Any]
+    done: dict[tuple, CellResult]
+    #: seconds spent on this folder by earlier, interrupted runs
+    earlier_s: float
+
+    @property
+    def cells_path(self) -> Path:
+        return self.path / CELLS_FILE
+
+    def save(self, cell: CellResult) -> None:
+        """Append a finished cell; non-finite floats are written as NaN/Infinity, which JSON reads back exactly."""
+        append_line(self.cells_path, json.dumps(asdict(cell)))
+        self.done[cell.key] = cell
+
+    def close(self, state: str, seconds: float) -> None:
+        """Record whether the sweep finished and the time spent on it (added to by a later resume)."""
+        write_file(
+            self.path / SWEEP_FILE,
+            json.dumps({**self.settings, "state": state, "wall_s": self.earlier_s + seconds}, indent=1) + "\n",
+        )
+
+
+def _listed(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _differences(wanted: dict[str, Any], held: dict[str, Any]) -> list[str]:
+    names = {**wanted.get("config", {}), **held.get("config", {})}
+    pairs = [(k, wanted.get("config", {}).get(k), held.get("config", {}).get(k)) for k in names]
+    pairs += [(k, v, held.get(k)) for k, v in wanted.items() if k != "config"]
+    return [
+        f"{k}: {_listed(mine)} in this command, {_listed(theirs)} in the folder"
+        for k, mine, theirs in pairs
+        if mine != theirs
+    ]
+
+
+def _read_cells(path: Path) -> dict[tuple, CellResult]:
+    """The saved cells; a last line cut short by a crash is dropped (and the file rewritten without it)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text().split("\n")
+    whole, last = lines[:-1], lines[-1]  # a line is whole once its newline is written
+    cells = {}
+    for number, line in enumerate(whole, 1):
+        try:
+            cell = CellResult(**json.loads(line))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: line {number} is not a saved cell ({err}); --fresh starts over") from None
+        cells[cell.key] = cell
+    if last:
+        write_file(path, "".join(f"{line}\n" for line in whole))
+    return cells
+
+
+def open_sweep(out: Path, config: BenchConfig, settings: dict[str, Any], fresh: bool = False) -> SweepFolder:
+    """The folder of a sweep about to run, with the cells an earlier run of the same sweep saved there (none with
+    ``fresh``); a folder holding a sweep with other settings is refused, naming the difference."""
+    wanted = json.loads(json.dumps({"config": asdict(config), **settings}))
+    sweep, cells = out / SWEEP_FILE, out / CELLS_FILE
+    done, earlier_s = {}, 0.0
+    try:
+        if fresh:
+            cells.unlink(missing_ok=True)
+        elif sweep.exists():
+            try:
+                held = json.loads(sweep.read_text())
+            except ValueError as err:
+                raise ValueError(f"--out {out}: {SWEEP_FILE} cannot be read ({err}); --fresh starts over") from None
+            differences = _differences(wanted, held)
+            if differences:
+                raise ValueError(
+                    f"--out {out} holds a sweep with other settings ({'; '.join(differences)}): "
+                    "rerun with --fresh to start it over, or choose another --out"
+                )
+            done, earlier_s = _read_cells(cells), float(held.get("wall_s", 0.0))
+        elif cells.exists():
+            raise ValueError(f"--out {out}: {CELLS_FILE} without {SWEEP_FILE}; --fresh starts over")
+        folder = SweepFolder(out, wanted, done, earlier_s)
+        folder.close("incomplete", 0.0)
+    except OSError as err:
+        raise WriteError(f"--out {out}: {err.strerror or err}") from None
+    return folder

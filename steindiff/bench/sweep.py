@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -107,6 +107,11 @@ class CellResult:
     #: Stein coefficient changed the solver's step (None: vanilla, or a sweep made before this was recorded)
     gamma_moved: float | None = None
 
+    @property
+    def key(self) -> tuple[str, str, int, str, int]:
+        """Which cell and seed this is: what a resumed sweep looks up to skip it."""
+        return (self.solver, self.schedule, self.nfe, self.variant, self.seed)
+
 
 def _block_seed(seed: int, block: int) -> int:
     return derived_seeds([(seed, BLOCK_STREAM, block)])[0]
@@ -137,16 +142,37 @@ def _reference_finals(
         return flow_map(model, flow_map(model, x, model.sigma_max, sigma_min, log_step), sigma_min, 0.0, log_step)
 
 
+def _seed_inputs(
+    config: BenchConfig, model: Denoiser, seed: int, mine: range, device: str, log_step: float
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Per block of this rank: the unit noise of ``seed``'s samples, and the reference solutions from the first
+    ``config.reference_samples`` of them."""
+    noises, references = {}, {}
+    for b in mine:
+        first = b * config.batch
+        size = min(config.batch, config.samples - first)
+        # unit noise in float64: x_T = sigma_0 eps is formed per grid, as initial_noise forms it
+        noises[b] = initial_noise(size, model.event_shape, 1.0, seed, torch.float64, device, first)
+        count = max(0, min(size, config.reference_samples - first))
+        references[b] = _reference_finals(model, noises[b], model.sigma_min, log_step, count)
+    return noises, references
+
+
 def run_bench(
     config: BenchConfig,
     model: Denoiser,
     metric: QualityMetric | None,
     shard: Shard,
     on_block: Callable[[], None] | None = None,
+    done: Mapping[tuple, CellResult] | None = None,
+    on_cell: Callable[[CellResult], None] | None = None,
 ) -> list[CellResult]:
     """Run the sweep on this rank's share of blocks; every rank returns the full, identical results.
 
-    ``on_block`` is called after each block this rank finishes (for a progress bar).
+    ``on_block`` is called after each block this rank finishes (for a progress bar), ``on_cell`` with each cell
+    once all ranks finished it (to save it). Cells in ``done`` (by :attr:`CellResult.key`, the same on every
+    rank) are taken as they are, not run: every cell depends only on its own key, so a resumed sweep gives the
+    uninterrupted one's results, and a seed whose cells are all done skips its reference solutions too.
     """
     device = shard.device
     prepare_for_device(model, device, takes_functorch(config.products))
@@ -154,22 +180,22 @@ def run_bench(
     log_step = config.reference_log_step or (0.025 if model.exact else 0.1)
     mine = range(shard.rank, config.blocks, shard.world)
     no_diagnostics = DiagnosticsConfig(lipschitz=False, reference=False)
+    done = done or {}
     results = []
     for seed in config.seeds:
-        noises, references = {}, {}
-        for b in mine:
-            first = b * config.batch
-            size = min(config.batch, config.samples - first)
-            # unit noise in float64: x_T = sigma_0 eps is formed per grid, as initial_noise forms it
-            noises[b] = initial_noise(size, model.event_shape, 1.0, seed, torch.float64, device, first)
-            count = max(0, min(size, config.reference_samples - first))
-            references[b] = _reference_finals(model, noises[b], sigma_min, log_step, count)
+        noises = references = None  # made when this seed's first cell to run needs them
         for solver in config.solvers:
             spec = get_solver(solver)
             for schedule in config.schedules:
                 for nfe in config.nfe:
                     sigmas = make_sigmas(schedule, spec.steps_for_nfe(nfe), sigma_min, sigma_max)
                     for variant in config.variants:
+                        key = (solver, schedule, nfe, variant, seed)
+                        if key in done:
+                            results.append(done[key])
+                            continue
+                        if noises is None or references is None:
+                            noises, references = _seed_inputs(config, model, seed, mine, device, log_step)
                         stein = stein_config(variant, probes=config.probes, products=config.products)
                         start = time.perf_counter()
                         blocks = []
@@ -189,7 +215,9 @@ def run_bench(
                                 on_block()
                         elapsed = time.perf_counter() - start
                         gathered = gather((blocks, elapsed), shard)
-                        results.append(_cell(config, (solver, schedule, nfe, variant, seed), gathered, metric))
+                        results.append(_cell(config, key, gathered, metric))
+                        if on_cell is not None:
+                            on_cell(results[-1])
     return results
 
 
