@@ -305,6 +305,8 @@ def open_sweep(out: Path, config: BenchConfig, settings: dict[str, Any], fresh: 
         elif sweep.exists():
             try:
                 held = json.loads(sweep.read_text())
+                if not isinstance(held, dict):
+                    raise ValueError("not a JSON object")
             except ValueError as err:
                 raise ValueError(f"--out {out}: {SWEEP_FILE} cannot be read ({err}); --fresh starts over") from None
             differences = _differences(wanted, held)
