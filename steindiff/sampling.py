@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Literal
 
@@ -12,7 +12,16 @@ import torch
 
 from steindiff.correction.divergence import probed_step
 from steindiff.correction.rule import SteinConfig, SteinStats, stein_update
-from steindiff.denoisers.base import CountingDenoiser, DenoiseFn, Denoiser
+from steindiff.denoisers.base import (
+    Cond,
+    CountingDenoiser,
+    DenoiseFn,
+    Denoiser,
+    bind_cond,
+    check_cond,
+    cond_rows,
+    same_cond,
+)
 from steindiff.diagnostics.jacobians import JacobianMode, mean_distance
 from steindiff.diagnostics.reference import FlowSolution, solve_for_grid
 from steindiff.diagnostics.step_lipschitz import MapAtStep, measure_lipschitz
@@ -55,14 +64,33 @@ def sample(
     keep_states: bool = True,
     label: str | None = None,
     callback: Callable[[StepRecord, torch.Tensor], None] | None = None,
+    cond: Mapping[str, torch.Tensor] | None = None,
 ) -> RunResult:
-    """Integrate from ``x`` (at ``sigmas[0]``) over the grid with ``solver``, optionally Stein-corrected.
+    """Integrate the probability-flow ODE (EDM, Karras et al. 2022, Eq. 4) from ``x`` at ``sigmas[0]`` over the
+    grid with ``solver``, optionally Stein-corrected (the paper's Algorithm 1).
 
-    ``stein`` = None runs the plain solver; a config with ``apply=False`` runs the plain solver and
-    records the statistics the correction would have used. ``reference`` (states at every grid
-    sigma, for the first samples of the batch or all of them) gives ``err_ref``.
-    ``callback(record, x_next)`` is called after every step.
+    Arguments:
+        denoiser: the model D(x, sigma; cond).
+        x: the initial state at ``sigmas[0]``, (B, *event_shape).
+        sigmas: the noise levels sigma_0 > ... > sigma_N >= 0, (N + 1,).
+        solver: a name of :data:`steindiff.solvers.SOLVERS` or a solver.
+        options: the solver's options (defaults when None).
+        stein: None runs the plain solver; a config with ``apply=False`` runs the plain solver and records the
+            statistics the correction would have used.
+        diagnostics: what else to measure at each step (nothing when None).
+        reference: states at every grid sigma, each (n, *event_shape) for the first n <= B samples: they give
+            each step's ``err_ref``.
+        seed: the seed of the probes' and the Lipschitz estimates' random streams.
+        keep_states: keep every state and x0 prediction in the result.
+        label: the run's name (the solver's, with "+stein" when corrected, when None).
+        callback: ``callback(record, x_next)`` after every step.
+        cond: per-sample conditioning of the batch, each tensor (B, ...) (e.g. class labels (B,)), the names
+            of ``denoiser.conditions``; it goes with its rows into every network call.
+
+    Returns:
+        The run: final samples (B, *event_shape), the per-step trace, NFE and, with ``keep_states``, the states.
     """
+    cond = check_cond(cond, x.shape[0], getattr(denoiser, "conditions", None))
     diagnostics = diagnostics or DiagnosticsConfig(lipschitz=False, reference=False)
     run, maps = _integrate(
         denoiser,
@@ -77,6 +105,7 @@ def sample(
         keep_states=keep_states,
         label=label,
         callback=callback,
+        cond=cond,
     )
     if diagnostics.lipschitz:
         runs = [(run, maps, _applied_spec(solver, stein))]
@@ -104,12 +133,14 @@ def _integrate(
     keep_states: bool = True,
     label: str | None = None,
     callback: Callable[[StepRecord, torch.Tensor], None] | None = None,
+    cond: Cond | None = None,
 ) -> tuple[RunResult, list[MapAtStep | None]]:
     """The sampling loop; also returns, per step, what the Lipschitz post-pass needs."""
     spec = _applied_spec(solver, stein)
     options = options or SolverOptions()
     grid = _grid(sigmas)
     counter = CountingDenoiser(denoiser)
+    denoise = bind_cond(counter, cond)
     probe_gen = stream_generator(seed, PROBE_STREAM)
     history: tuple[torch.Tensor, ...] = ()
     ahead_point: torch.Tensor | None = None  # where history[0] was evaluated, for a look-ahead evaluation
@@ -120,11 +151,11 @@ def _integrate(
         stats: SteinStats | None = None
         if stein is None:
             with torch.no_grad():
-                result = spec.step(counter, x, grid, k, history, options)
+                result = spec.step(denoise, x, grid, k, history, options)
             x_next = result.x_next
         else:
             # Every solver step has the exact linear part (sigma'/sigma) x (see solvers.py).
-            result, div_t = probed_step(spec, counter, x, grid, k, history, options, stein, probe_gen)
+            result, div_t = probed_step(spec, counter, x, grid, k, history, options, stein, probe_gen, cond)
             x_next, stats = stein_update(x, result.x_next.detach(), div_t, sigma, sigma_next, stein)
         x_next = x_next.detach()
         record = StepRecord(k, sigma, sigma_next, counter.nfe - nfe_before, time.perf_counter() - start, stats)
@@ -143,6 +174,7 @@ def _integrate(
                     None if ahead_point is None else ahead_point[:n],
                     x_next[:n],
                     result.denoised[:n].detach(),
+                    cond_rows(cond, slice(0, n)),
                 )
             )
         else:
@@ -172,24 +204,25 @@ def _integrate(
 class _SharedFirstCall:
     """Runs from the same noise begin with the same network call: D at sigma_0 of x_0 (and, with
     forward-difference probes, of the same probe states). A later run whose call is identical to the
-    first call made (compared exactly) takes its answer; with autograd recording, nothing is shared.
-    NFE counts are unchanged: each run's counter still counts the call it asked for."""
+    first call made (its states, noise level and conditioning compared exactly) takes its answer; with
+    autograd recording, nothing is shared. NFE counts are unchanged: each run's counter still counts the
+    call it asked for."""
 
     def __init__(self, denoiser: Denoiser):
         self.denoiser = denoiser
-        self.first: tuple[torch.Tensor, torch.Tensor | float, torch.Tensor] | None = None
+        self.first: tuple[torch.Tensor, torch.Tensor | float, Cond, torch.Tensor] | None = None
         self.called = False
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: torch.Tensor) -> torch.Tensor:
         recording = torch.is_grad_enabled() and x.requires_grad
         if self.first is not None and not recording:
-            first_x, first_sigma, answer = self.first
+            first_x, first_sigma, first_cond, answer = self.first
             same_sigma = torch.equal(torch.as_tensor(first_sigma), torch.as_tensor(sigma))
-            if first_x.shape == x.shape and same_sigma and torch.equal(first_x, x):
+            if first_x.shape == x.shape and same_sigma and torch.equal(first_x, x) and same_cond(first_cond, cond):
                 return answer
-        out = self.denoiser(x, sigma)
+        out = self.denoiser(x, sigma, **cond)
         if not self.called and not recording:
-            self.first = (x, sigma, out)
+            self.first = (x, sigma, cond, out)
         self.called = True
         return out
 
@@ -208,27 +241,49 @@ def compare(
     callback: Callable[[str, StepRecord], None] | None = None,
     flow: FlowSolution | None = None,
     on_phase: Callable[[Phase], None] | None = None,
+    cond: Mapping[str, torch.Tensor] | None = None,
 ) -> Comparison:
-    """Run the plain solver and (if ``stein`` is given) the corrected one from the same ``x``.
+    """Run the plain solver and (if ``stein`` is given) the corrected one from the same ``x``, with the reference
+    ODE solution from the same noise and the Lipschitz estimates of both runs' steps.
 
-    ``flow`` may pass the reference solution of an earlier comparison from the same noise, with the same
-    reference settings and the same first and last positive noise levels, whatever the grid between.
-    With ``observe_vanilla`` the vanilla run also records the Stein statistics along its own trajectory
-    (what the rule would have proposed there), at the cost of the probes. ``callback(label, record)`` is
-    called after each step of each run; ``on_phase`` as the reference solution (when not passed in) and
-    the Lipschitz estimates (after both runs) start.
+    Arguments:
+        denoiser: the model D(x, sigma; cond).
+        x: the initial state at ``sigmas[0]``, (B, *event_shape).
+        sigmas: the noise levels sigma_0 > ... > sigma_N >= 0, (N + 1,).
+        solver: a name of :data:`steindiff.solvers.SOLVERS`.
+        stein: the correction's settings; None runs the plain solver only.
+        options: the solver's options (defaults when None).
+        diagnostics: what to measure (:class:`DiagnosticsConfig`'s defaults when None).
+        seed: the seed of the probes' and the Lipschitz estimates' random streams.
+        observe_vanilla: the vanilla run also records the Stein statistics along its own trajectory (what the
+            rule would have proposed there), at the cost of the probes.
+        callback: ``callback(label, record)`` after each step of each run.
+        flow: the reference solution of an earlier comparison from the same noise and conditioning, with the
+            same reference settings and the same first and last positive noise levels, whatever the grid
+            between.
+        on_phase: called as the reference solution (when not passed in) and the Lipschitz estimates (after
+            both runs) start.
+        cond: per-sample conditioning of the batch, each tensor (B, ...), as for :func:`sample`; the reference
+            solution and the Lipschitz estimates take the rows of their samples.
+
+    Returns:
+        The grid, the vanilla and corrected runs, the reference states at the grid (each (n, *event_shape)
+        for the first n samples) and the reference solution.
     """
+    cond = check_cond(cond, x.shape[0], getattr(denoiser, "conditions", None))
     diagnostics = diagnostics or DiagnosticsConfig()
     grid = _grid(sigmas)
     reference = None
     if diagnostics.reference:
+        first = slice(0, diagnostics.reference_samples)
         if flow is None:
             log_step = diagnostics.reference_log_step or (0.025 if denoiser.exact else 0.1)
-            first = x[: diagnostics.reference_samples]
             floor_ratio, method = diagnostics.reference_floor_ratio, diagnostics.reference_method
             if on_phase is not None:
                 on_phase("reference")
-            flow = solve_for_grid(denoiser, first, grid, log_step, floor_ratio, method)
+            flow = solve_for_grid(denoiser, x[first], grid, log_step, floor_ratio, method, cond_rows(cond, first))
+        elif not same_cond(flow.cond, cond_rows(cond, slice(0, len(flow.states[0])))):
+            raise ValueError("the reference solution passed was solved under other conditioning")
         reference = flow.states_at(denoiser, grid)
     else:
         flow = None
@@ -250,6 +305,7 @@ def compare(
             seed=seed,
             label=label,
             callback=hook,
+            cond=cond,
         ), _applied_spec(solver, config)
 
     runs = [run(observer, "vanilla")] + ([run(stein, "stein")] if stein is not None else [])

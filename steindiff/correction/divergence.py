@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
-from steindiff.denoisers.base import CountingDenoiser, DenoiseFn
+from steindiff.denoisers.base import Cond, CountingDenoiser, DenoiseFn, bind_cond, cond_repeat, cond_rows
 from steindiff.solvers import SolverOptions, SolverSpec, StepResult
 
 if TYPE_CHECKING:
@@ -171,16 +171,18 @@ def probed_step(
     options: SolverOptions,
     config: SteinConfig,
     generator: torch.Generator,
+    cond: Cond | None = None,
 ) -> tuple[StepResult, DivergenceEstimate]:
     """Solver step k, T(x_k), and div_x T per sample, by the probe products of ``config.products``.
 
     The step is a pure map of x_k with the history fixed and samples never interact, so:
 
     - "fd": x_k and the K perturbed states x_k + h v (:func:`fd_step`) go through the step as one batch of
-      (K + 1) B samples, the history repeated; J v = (T(x_k + h v) - T(x_k)) / h. No backward pass and
-      no extra network call.
+      (K + 1) B samples, the history and the conditioning repeated; J v = (T(x_k + h v) - T(x_k)) / h. No
+      backward pass and no extra network call.
     - "vjp", "vjp-batched": VJPs J^T v through the step (K backward passes, or one vectorised one), on the
-      CPU in chunks of :data:`VJP_CPU_CHUNK` samples, each its own graph. The probes are drawn for the whole
+      CPU in chunks of :data:`VJP_CPU_CHUNK` samples (with their rows of the history and the conditioning),
+      each its own graph. The probes are drawn for the whole
       batch first, so the estimate does not depend on the chunking (to float rounding). With
       ``config.probe`` "exact" the trace is summed from d VJPs instead.
 
@@ -190,7 +192,7 @@ def probed_step(
 
     Arguments:
         spec: the solver whose step is taken.
-        denoise: the denoiser D(x, sigma) the step calls.
+        denoise: the denoiser D(x, sigma, **cond) the step calls, with the conditioning of its rows bound.
         x: the state x_k, (B, ...).
         grid: the noise levels sigma_0 > ... > sigma_N.
         k: the step, from ``grid[k]`` to ``grid[k + 1]``.
@@ -198,6 +200,7 @@ def probed_step(
         options: the solver's options.
         config: the correction's settings (``probe``, ``probes``, ``products``).
         generator: the CPU generator the probes are drawn from.
+        cond: per-sample conditioning of x_k's rows, each (B, ...); None for an unconditional model.
 
     Returns:
         The step's result (detached; each tensor (B, ...)) and div_x T: per sample (B,) with the standard
@@ -210,7 +213,9 @@ def probed_step(
         stacked = torch.cat([x, *(x + h * v)])
         repeated = tuple(torch.cat([part] * (config.probes + 1)) for part in history)
         with torch.no_grad():
-            joint = spec.step(denoise, stacked, grid, k, repeated, options)
+            joint = spec.step(
+                bind_cond(denoise, cond_repeat(cond, config.probes + 1)), stacked, grid, k, repeated, options
+            )
         result = _rows(joint, slice(0, batch))
         return result, hutchinson(v, (joint.x_next[batch:].reshape(v.shape) - result.x_next) / h, identity)
     uncounted = denoise.denoiser if isinstance(denoise, CountingDenoiser) else denoise
@@ -220,9 +225,8 @@ def probed_step(
         rows = slice(first, first + size)
         with torch.enable_grad():
             x_in = x[rows].detach().requires_grad_(True)
-            part = spec.step(
-                denoise if first == 0 else uncounted, x_in, grid, k, tuple(h[rows] for h in history), options
-            )
+            call = bind_cond(denoise if first == 0 else uncounted, cond_rows(cond, rows))
+            part = spec.step(call, x_in, grid, k, tuple(h[rows] for h in history), options)
             if v is None:
                 products.append(_exact_trace(part.x_next, x_in))
             else:

@@ -1,8 +1,8 @@
 """Denoisers in EDM coordinates: the protocol, exact models and the model registry."""
 
-from .base import CountingDenoiser, Denoiser, ExactDenoiser, ModelKind, model_kind, prepare_for_device
+from .base import Cond, CountingDenoiser, Denoiser, ExactDenoiser, ModelKind, model_kind, prepare_for_device
 from .empirical import EmpiricalDenoiser, load_digits8, load_mnist
-from .gmm import GMM_PRESETS, GaussianMixture, gmm_preset
+from .gmm import GMM_PRESETS, ConditionalGaussianMixture, GaussianMixture, conditional_ring, gmm_preset
 from .networks import PreconditionedDenoiser
 from .registry import ASSETS, DEFAULT_IMAGE_MODEL, MODELS, ModelInfo, load_model
 from .weights import WeightsError, load_denoiser, save_denoiser
@@ -12,6 +12,8 @@ __all__ = [
     "DEFAULT_IMAGE_MODEL",
     "GMM_PRESETS",
     "MODELS",
+    "Cond",
+    "ConditionalGaussianMixture",
     "CountingDenoiser",
     "Denoiser",
     "EmpiricalDenoiser",
@@ -21,6 +23,7 @@ __all__ = [
     "ModelKind",
     "PreconditionedDenoiser",
     "WeightsError",
+    "conditional_ring",
     "gmm_preset",
     "load_denoiser",
     "load_digits8",

@@ -8,7 +8,7 @@ import torch
 
 from .base import ExactDenoiser
 
-__all__ = ["GMM_PRESETS", "GaussianMixture", "gmm_preset"]
+__all__ = ["GMM_PRESETS", "ConditionalGaussianMixture", "GaussianMixture", "conditional_ring", "gmm_preset"]
 
 
 class GaussianMixture(ExactDenoiser):
@@ -45,8 +45,9 @@ class GaussianMixture(ExactDenoiser):
         self.register_buffer("variances", variances)  # Sigma_j = U_j diag(variances_j) U_j^T
         self.register_buffer("axes", axes)  # U_j, its columns the principal axes
 
-    def _components(self, x: torch.Tensor, sigma: torch.Tensor | float):
-        """Responsibilities w (B, J) and, in each component's principal axes: the eigenvalues a_j of the
+    def _components(self, x: torch.Tensor, sigma: torch.Tensor | float, allowed: torch.Tensor | None = None):
+        """Responsibilities w (B, J) (over the components ``allowed`` (B, J) for each sample, where given) and,
+        in each component's principal axes: the eigenvalues a_j of the
         gains A_j = Sigma_j S_j^{-1} = U_j diag(a_j) U_j^T ((J, d), or (B, J, d) for per-sample sigmas), the
         offsets z_j = U_j^T (x - mu_j) and U_j^T S_j^{-1} (x - mu_j) = z_j / (lambda_j + sigma^2) (B, J, d).
 
@@ -62,7 +63,10 @@ class GaussianMixture(ExactDenoiser):
         scaled = offsets / noisy
         log_det = noisy.log().sum(-1)
         log_prob = -0.5 * ((offsets * scaled).sum(-1) + log_det + self.dim * math.log(2 * math.pi))
-        resp = torch.softmax(self.log_weights.to(dtype) + log_prob, dim=-1)
+        logits = self.log_weights.to(dtype) + log_prob
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -math.inf)
+        resp = torch.softmax(logits, dim=-1)
         return resp, variances / noisy, offsets, scaled
 
     def _from_axes(self, coords: torch.Tensor) -> torch.Tensor:
@@ -75,14 +79,22 @@ class GaussianMixture(ExactDenoiser):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D = sum_j w_j m_j = sum_j w_j mu_j + sum_j U_j (w_j a_j z_j), the second sum one product."""
-        resp, gains, offsets, _ = self._components(x, sigma)
+        return self._denoise(x, sigma)
+
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        resp, gains, offsets, _ = self._components(x, sigma, allowed)
         shifts = self._sum_from_axes(resp.unsqueeze(-1) * gains * offsets)
         return (resp @ self.means.to(x.dtype) + shifts).reshape(x.shape)
 
     def jacobian(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """dD/dx = sum_j w_j A_j + sum_j w_j m_j (g_j - g_bar)^T, from dw_j/dx = w_j (g_j - g_bar), with the
         component scores g_j = -S_j^{-1}(x - mu_j)."""
-        resp, gains, offsets, scaled = self._components(x, sigma)
+        return self._jacobian(x, sigma)
+
+    def _jacobian(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        resp, gains, offsets, scaled = self._components(x, sigma, allowed)
         axes = self.axes.to(x.dtype)
         gain = (axes * gains.unsqueeze(-2)) @ axes.transpose(-1, -2)  # A_j = U_j diag(a_j) U_j^T
         post_means = self.means.to(x.dtype) + self._from_axes(gains * offsets)
@@ -100,9 +112,63 @@ class GaussianMixture(ExactDenoiser):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         comp = torch.multinomial(self.log_weights.exp().cpu(), n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        return self._draw(comp, generator)
+
+    def _draw(self, comp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One draw from each of the components ``comp`` (n,)."""
+        eps = torch.randn(len(comp), self.dim, dtype=torch.float64, generator=generator)
         chol = torch.linalg.cholesky(self.covs.cpu())
         return self.means.cpu()[comp] + (chol[comp] @ eps.unsqueeze(-1)).squeeze(-1)
+
+
+class ConditionalGaussianMixture(GaussianMixture):
+    """A class-conditional mixture: each component j belongs to a class c_j, and the label y picks its class,
+    p(x0 | y) proportional to sum_{j: c_j = y} pi_j N(mu_j, Sigma_j).
+
+    D(x, sigma; label) is the exact posterior mean under p(x0 | label): the unconditional mixture's formula
+    with the responsibilities restricted to the label's components (a per-sample mask), so a batch may mix
+    labels. ``label`` is required: a (B,) integer tensor of classes 0 .. C - 1.
+    """
+
+    conditions = frozenset({"label"})
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor, classes: torch.Tensor, **kwargs):
+        super().__init__(weights, means, covs, **kwargs)
+        classes = torch.as_tensor(classes, dtype=torch.long)
+        if classes.shape != self.log_weights.shape:
+            raise ValueError(f"classes must give one class a component ({len(self.log_weights)}), got {classes.shape}")
+        self.num_classes = int(classes.max()) + 1
+        if classes.min() < 0 or set(classes.tolist()) != set(range(self.num_classes)):
+            raise ValueError("classes must be 0 .. C - 1, each with at least one component")
+        self.register_buffer("classes", classes)
+
+    def _allowed(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Each sample's components (B, J) from its label (B,)."""
+        label = torch.as_tensor(label, device=x.device)
+        if label.shape != (x.shape[0],) or label.is_floating_point():
+            raise ValueError(f"label must be an integer tensor of shape ({x.shape[0]},), got {tuple(label.shape)}")
+        if bool(((label < 0) | (label >= self.num_classes)).any()):
+            raise ValueError(f"labels must be in 0 .. {self.num_classes - 1}")
+        return self.classes[None, :] == label[:, None]
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, *, label: torch.Tensor) -> torch.Tensor:
+        """D(x, sigma; label) = sum_{j: c_j = label} w_j m_j, the responsibilities w_j over the label's components."""
+        return self._denoise(x, sigma, self._allowed(x, label))
+
+    def jacobian(self, x: torch.Tensor, sigma: torch.Tensor | float, *, label: torch.Tensor) -> torch.Tensor:
+        """dD/dx under the label's components (:meth:`GaussianMixture.jacobian`), (B, d, d)."""
+        return self._jacobian(x, sigma, self._allowed(x, label))
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, *, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """n draws from p(x0 | label) for the labels (n,), or from the mixture of every class without them."""
+        if label is None:
+            return super().sample(n, generator)
+        allowed = self._allowed(torch.empty(n, self.dim, device=self.classes.device), label).cpu()
+        weights = self.log_weights.exp().cpu().expand(n, -1) * allowed
+        comp = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        return self._draw(comp, generator)
 
 
 def _rotated(std_major: float, std_minor: float, angle_deg: float) -> torch.Tensor:
@@ -134,6 +200,16 @@ def _moons() -> GaussianMixture:
     lower = torch.stack([1 - angles.cos(), 0.5 - angles.sin()], dim=1)
     means = torch.cat([upper, lower]) - torch.tensor([0.5, 0.25], dtype=torch.float64)
     return GaussianMixture(torch.ones(2 * per_moon), means, _isotropic(2 * per_moon, 0.07), name="gmm-moons")
+
+
+def conditional_ring(classes: int = 2) -> ConditionalGaussianMixture:
+    """The ``gmm-ring`` mixture (8 modes on the unit circle, std 0.08) with mode j in class j mod ``classes``: with
+    2 classes each label picks 4 alternate modes; with 8 it picks one."""
+    if not 1 <= classes <= 8:
+        raise ValueError(f"classes must be between 1 and 8, got {classes}")
+    ring = _ring()
+    labels = torch.arange(8) % classes
+    return ConditionalGaussianMixture(torch.ones(8), ring.means, ring.covs, labels, name=f"gmm-ring-{classes}-classes")
 
 
 def _gaussian() -> GaussianMixture:

@@ -6,7 +6,9 @@ run one after the other they make many small network calls. :func:`lockstep` run
 instead: each map on a short-lived thread that only does the map's own arithmetic, and the caller's
 thread gathers the network calls all live maps are waiting on into one call with per-sample noise levels
 (the network runs on the caller's thread, which keeps one OpenMP pool; see ``compute_thread``). Samples
-never interact, so the result is the maps' outputs; only the batch composition of the calls changes.
+never interact, so the result is the maps' outputs; only the batch composition of the calls changes. A map
+calls the denoiser with the conditioning of the rows it passes (``denoise(x, sigma, **cond)``), and the
+batched call concatenates the conditioning as it concatenates the rows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from steindiff.denoisers.base import DenoiseFn, Denoiser
+from steindiff.denoisers.base import Cond, DenoiseFn, Denoiser, cond_cat
 
 __all__ = ["DenoiserMap", "lockstep"]
 
@@ -58,7 +60,7 @@ class _Rounds:
         self.lock = threading.Lock()
         self.round_ready = threading.Event()  # every live map waits on a call or has finished
         self.answered = [threading.Event() for _ in maps]
-        self.waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.waiting: dict[int, tuple[torch.Tensor, torch.Tensor, Cond]] = {}
         self.answers: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor | tuple[torch.Tensor, ...]] = {}
         self.errors: dict[int, BaseException] = {}
@@ -78,8 +80,11 @@ class _Rounds:
             if not calls:
                 break
             try:
-                out = self.denoiser(torch.cat([x for _, (x, _) in calls]), torch.cat([s for _, (_, s) in calls]))
-                self.answers.update(zip([i for i, _ in calls], out.split([len(x) for _, (x, _) in calls]), strict=True))
+                x, sigma = torch.cat([x for _, (x, _, _) in calls]), torch.cat([s for _, (_, s, _) in calls])
+                out = self.denoiser(x, sigma, **(cond_cat([c for _, (_, _, c) in calls]) or {}))
+                self.answers.update(
+                    zip([i for i, _ in calls], out.split([len(x) for _, (x, _, _) in calls]), strict=True)
+                )
             except BaseException as err:  # handed to the waiting maps, then re-raised here
                 with self.lock:
                     self.failure = err
@@ -104,11 +109,11 @@ class _Rounds:
     def _work(self, index: int) -> None:
         torch.set_grad_enabled(self.grad)  # grad mode is per thread
 
-        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        def denoise(x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
             with self.lock:
                 if self.failure is not None:
                     raise RuntimeError("an earlier batched denoiser call failed")
-                self.waiting[index] = (x, self.denoiser.per_sample_sigma(x, sigma))
+                self.waiting[index] = (x, self.denoiser.per_sample_sigma(x, sigma), cond)
                 self._round_complete()
             self.answered[index].wait()
             self.answered[index].clear()

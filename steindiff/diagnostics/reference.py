@@ -12,7 +12,8 @@ calls, not a new solve. The segment into sigma = 0 is
 integrated down to ``floor_ratio`` times the last positive sigma and finished by one denoising step,
 whose error is O(sigma_floor^2) (relative 1e-7 or less for the shipped mixtures). For an exact denoiser
 this is the exact solution to integration tolerance; for a trained one it is a high-NFE reference from
-the same noise.
+the same noise. Conditioning (``cond``, each tensor with a leading dimension of the samples) goes with the
+samples' rows into every call: a solution keeps its own, and repeats it where it stacks its states.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Literal, get_args
 
 import torch
 
-from steindiff.denoisers.base import DenoiseFn
+from steindiff.denoisers.base import Cond, DenoiseFn, bind_cond, cond_repeat, cond_rows
 from steindiff.solvers import SolverOptions, dpmpp_3m_step
 
 __all__ = [
@@ -103,10 +104,12 @@ def flow_map(
     sigma_to: float,
     max_log_step: float = 0.025,
     floor_ratio: float = 0.01,
+    cond: Cond | None = None,
 ) -> torch.Tensor:
-    """The ODE flow from ``sigma_from`` to ``sigma_to`` (which may be 0) applied to ``x``: RK4 on
-    :func:`_log_lattice`, into sigma = 0 down to ``floor_ratio`` times ``sigma_from``, then one denoising step."""
-    return flow_maps(denoise, x, [(sigma_from, sigma_to)], [len(x)], max_log_step, floor_ratio)
+    """The ODE flow from ``sigma_from`` to ``sigma_to`` (which may be 0) applied to ``x`` (with the conditioning
+    ``cond`` of its rows): RK4 on :func:`_log_lattice`, into sigma = 0 down to ``floor_ratio`` times
+    ``sigma_from``, then one denoising step."""
+    return flow_maps(denoise, x, [(sigma_from, sigma_to)], [len(x)], max_log_step, floor_ratio, cond)
 
 
 def flow_maps(
@@ -116,12 +119,13 @@ def flow_maps(
     sizes: Sequence[int],
     max_log_step: float = 0.025,
     floor_ratio: float = 0.01,
+    cond: Cond | None = None,
 ) -> torch.Tensor:
     """:func:`flow_map` of each block of rows of ``x`` (``sizes``) between its own noise levels (``levels``,
     one (sigma_from, sigma_to) a block), the blocks walked side by side: each takes the steps it would take
-    alone, and each RK4 stage of a round is one batched network call, a noise level a row. A block whose
-    walk has ended is left out of the later rounds. Autograd sees through it, forward-mode AD too (no
-    threads)."""
+    alone, and each RK4 stage of a round is one batched network call, a noise level a row (and the
+    conditioning ``cond`` of ``x``'s rows, the rows of the live blocks). A block whose walk has ended is left
+    out of the later rounds. Autograd sees through it, forward-mode AD too (no threads)."""
     if len(levels) != len(sizes) or sum(sizes) != len(x):
         raise ValueError(f"{len(levels)} blocks of noise levels for blocks of {list(sizes)} of {len(x)} rows")
     floors = [a * floor_ratio if b == 0 else b for a, b in levels]
@@ -133,11 +137,13 @@ def flow_maps(
         live_sizes = [sizes[i] for i in live]
         s = _per_row([lattices[i][r] for i in live], live_sizes, x.device)
         ds = _per_row([lattices[i][r + 1] - lattices[i][r] for i in live], live_sizes, x.device)
-        x = _update_rows(x, [rows[i] for i in live], lambda part, s=s, ds=ds: _rk4_step(denoise, part, s, ds))
+        x = _update_rows(
+            x, [rows[i] for i in live], cond, lambda part, d, s=s, ds=ds: _rk4_step(d, part, s, ds), denoise
+        )
     to_zero = [i for i, (_, b) in enumerate(levels) if b == 0]
     if to_zero:
         sigma = _per_row([floors[i] for i in to_zero], [sizes[i] for i in to_zero], x.device).to(x.dtype)
-        x = _update_rows(x, [rows[i] for i in to_zero], lambda part: denoise(part, sigma))
+        x = _update_rows(x, [rows[i] for i in to_zero], cond, lambda part, d: d(part, sigma), denoise)
     return x
 
 
@@ -150,13 +156,18 @@ def _per_row(values: list[float], sizes: list[int], device: torch.device) -> tor
 
 
 def _update_rows(
-    x: torch.Tensor, blocks: list[torch.Tensor], update: Callable[[torch.Tensor], torch.Tensor]
+    x: torch.Tensor,
+    blocks: list[torch.Tensor],
+    cond: Cond | None,
+    update: Callable[[torch.Tensor, DenoiseFn], torch.Tensor],
+    denoise: DenoiseFn,
 ) -> torch.Tensor:
-    """``x`` with the rows of ``blocks`` (index tensors) replaced by ``update`` of them, out of place."""
+    """``x`` with the rows of ``blocks`` (index tensors) replaced by ``update(rows, denoise)`` of them, out of
+    place, ``denoise`` bound to the rows' conditioning (of ``cond``, the conditioning of ``x``'s rows)."""
     if sum(len(block) for block in blocks) == len(x):
-        return update(x)
+        return update(x, bind_cond(denoise, cond))
     index = torch.cat(blocks)
-    return x.index_copy(0, index, update(x[index]))
+    return x.index_copy(0, index, update(x[index], bind_cond(denoise, cond_rows(cond, index))))
 
 
 @dataclass
@@ -164,11 +175,13 @@ class FlowSolution:
     """The solution from ``states[0]`` at ``sigmas[0]``: its states at the lattice noise levels
     ``sigmas`` (decreasing, uniform in log sigma), and the states at the grids asked of it so far.
     ``denoised``: on a DPM-Solver++(3M) lattice, D(x, sigma) at every node but the last (the walk's own
-    calls), from which a level between two nodes is reached without a network call; None for RK4."""
+    calls), from which a level between two nodes is reached without a network call; None for RK4.
+    ``cond``: the conditioning of the states' rows, which every later call on them takes."""
 
     sigmas: list[float]
     states: list[torch.Tensor]
     denoised: list[torch.Tensor] | None = None
+    cond: Cond | None = None
     _grids: dict[tuple[float, ...], list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _at_zero: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -217,7 +230,8 @@ class FlowSolution:
         """D at the floor state: the solution at sigma = 0 (computed once)."""
         if self._at_zero is None:
             x = self.states[-1]
-            self._at_zero = denoise(x, torch.tensor(self.sigma_floor, dtype=x.dtype, device=x.device))
+            sigma = torch.tensor(self.sigma_floor, dtype=x.dtype, device=x.device)
+            self._at_zero = bind_cond(denoise, self.cond)(x, sigma)
         return self._at_zero
 
     def _dense_output(self, denoised: list[torch.Tensor], node: int, offset: float) -> torch.Tensor:
@@ -243,7 +257,10 @@ class FlowSolution:
             x = torch.cat([self.states[node] for _, node, _ in chunk])
             s = torch.tensor([math.log(self.sigmas[node]) for _, node, _ in chunk], dtype=torch.float64)
             ds = torch.tensor([offset for *_, offset in chunk], dtype=torch.float64)
-            stepped = _rk4_step(denoise, x, s.repeat_interleave(n).to(x.device), ds.repeat_interleave(n).to(x.device))
+            stacked = bind_cond(
+                denoise, cond_repeat(self.cond, len(chunk))
+            )  # the states of each step, one after another
+            stepped = _rk4_step(stacked, x, s.repeat_interleave(n).to(x.device), ds.repeat_interleave(n).to(x.device))
             out.update(zip([i for i, *_ in chunk], stepped.split(n), strict=True))
         return out
 
@@ -256,20 +273,24 @@ def solve_flow(
     sigma_to: float,
     max_log_step: float,
     method: LatticeMethod = "rk4",
+    cond: Cond | None = None,
 ) -> FlowSolution:
     """The solution from ``x`` at ``sigma_from`` down to ``sigma_to`` (0 < sigma_to <= sigma_from) in
-    uniform steps of at most ``max_log_step`` in log sigma by ``method``, keeping the state at every node."""
+    uniform steps of at most ``max_log_step`` in log sigma by ``method``, keeping the state at every node;
+    ``cond`` is the conditioning of ``x``'s rows."""
     if not 0 < sigma_to <= sigma_from:
         raise ValueError(f"need 0 < sigma_to <= sigma_from, got {sigma_to} and {sigma_from}")
     if method not in LATTICE_METHODS:
         raise ValueError(f"method must be one of {LATTICE_METHODS}, got {method!r}")
+    cond = cond or None
     if sigma_to == sigma_from:
-        return FlowSolution([sigma_from], [x])
+        return FlowSolution([sigma_from], [x], cond=cond)
     nodes = _log_lattice(sigma_from, sigma_to, max_log_step)
     sigmas = [sigma_from, *(math.exp(s) for s in nodes[1:-1]), sigma_to]
+    bound = bind_cond(denoise, cond)
     if method == "rk4":
-        return FlowSolution(sigmas, _walk(denoise, x, nodes))
-    return FlowSolution(sigmas, *_walk_multistep(denoise, x, sigmas))
+        return FlowSolution(sigmas, _walk(bound, x, nodes), cond=cond)
+    return FlowSolution(sigmas, *_walk_multistep(bound, x, sigmas), cond=cond)
 
 
 def solve_for_grid(
@@ -279,12 +300,13 @@ def solve_for_grid(
     max_log_step: float,
     floor_ratio: float,
     method: LatticeMethod = "rk4",
+    cond: Cond | None = None,
 ) -> FlowSolution:
-    """The solution from ``x`` at ``sigmas[0]`` that covers the grid ``sigmas``: down to its last positive
-    level, or, when the grid ends at 0, to ``floor_ratio`` times that level."""
+    """The solution from ``x`` (rows conditioned on ``cond``) at ``sigmas[0]`` that covers the grid ``sigmas``:
+    down to its last positive level, or, when the grid ends at 0, to ``floor_ratio`` times that level."""
     positive = [float(s) for s in sigmas if s > 0]
     floor = positive[-1] * (floor_ratio if float(sigmas[-1]) == 0 else 1.0)
-    return solve_flow(denoise, x, positive[0], floor, max_log_step, method)
+    return solve_flow(denoise, x, positive[0], floor, max_log_step, method, cond)
 
 
 def reference_trajectory(
@@ -293,6 +315,9 @@ def reference_trajectory(
     sigmas: Sequence[float],
     max_log_step: float = 0.025,
     floor_ratio: float = 0.01,
+    cond: Cond | None = None,
 ) -> list[torch.Tensor]:
-    """States of the ODE solution from ``x`` at every grid sigma (``len(sigmas)`` tensors, the first is ``x``)."""
-    return solve_for_grid(denoise, x, sigmas, max_log_step, floor_ratio).states_at(denoise, sigmas)
+    """States of the ODE solution from ``x`` (rows conditioned on ``cond``) at every grid sigma (``len(sigmas)``
+    tensors, the first is ``x``)."""
+    solution = solve_for_grid(denoise, x, sigmas, max_log_step, floor_ratio, cond=cond)
+    return solution.states_at(denoise, sigmas)

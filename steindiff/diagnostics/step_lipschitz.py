@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from steindiff.correction.rule import combine
-from steindiff.denoisers.base import DenoiseFn, Denoiser
+from steindiff.denoisers.base import Cond, DenoiseFn, Denoiser, bind_cond, cond_cat
 from steindiff.diagnostics.jacobians import jacobian_norms, krylov_start, lipschitz_bound
 from steindiff.diagnostics.lockstep import DenoiserMap, lockstep
 from steindiff.diagnostics.reference import flow_maps
@@ -36,9 +36,9 @@ __all__ = ["MapAtStep", "measure_lipschitz"]
 class MapAtStep:
     """What the Lipschitz estimate of one run's applied map at one step needs (first samples only): the
     state, the history held fixed, the applied coefficient, the scale of the combination, where history[0]
-    is a look-ahead evaluation the point it was evaluated at, and, where the run has them, the map's values
+    is a look-ahead evaluation the point it was evaluated at, where the run has them, the map's values
     at the state: the next state and the step's x0 prediction (which saves forward differences an
-    evaluation)."""
+    evaluation), and the conditioning of the samples, which every call of the map takes."""
 
     x: torch.Tensor
     history: tuple[torch.Tensor, ...]
@@ -47,6 +47,7 @@ class MapAtStep:
     ahead_point: torch.Tensor | None = None
     x_next: torch.Tensor | None = None
     denoised: torch.Tensor | None = None
+    cond: Cond | None = None
 
 
 Quantity = Literal["step", "denoiser", "flow"]
@@ -65,6 +66,7 @@ class _LipschitzJob:
     quantities: tuple[Quantity, ...]
     outputs: tuple[torch.Tensor, ...] | None = None  # fn's outputs at x, where the run computed them
     flow: tuple[float, float] | None = None  # (sigma, sigma_next) of an exact flow
+    cond: Cond | None = None  # the conditioning of x's rows (which ``fn`` binds itself)
 
 
 def measure_lipschitz(
@@ -113,14 +115,15 @@ def measure_lipschitz(
             values = None
             if config.jacobian_mode == "fd" and m.x_next is not None:
                 values = (m.x_next, m.denoised) if along else (m.x_next,)
-            jobs.append(_LipschitzJob(step, m.x, (k, 0, index), record, quantities, values))
+            jobs.append(_LipschitzJob(step, m.x, (k, 0, index), record, quantities, values, cond=m.cond))
             if config.flow_lipschitz and denoiser.exact:
                 flow = (grid[k], grid[k + 1])
-                jobs.append(_LipschitzJob(None, m.x, (k, 2, index), record, ("flow",), flow=flow))
+                jobs.append(_LipschitzJob(None, m.x, (k, 2, index), record, ("flow",), flow=flow, cond=m.cond))
             if m.gamma is None and grid[k + 1] == 0:
                 record.bound_paper = math.inf
             elif bound and not along:
-                jobs.append(_LipschitzJob(_denoiser_map(grid[k]), m.x, (k, 1, index), record, ("denoiser",)))
+                job = _LipschitzJob(_denoiser_map(grid[k], m.cond), m.x, (k, 1, index), record, ("denoiser",))
+                jobs.append(job)
     limit = 0 if config.jacobian_mode == "jvp" else config.lipschitz_batch
     known = [job for job in jobs if job.outputs is not None]  # grouped apart: their estimate takes another path
     flows = [job for job in jobs if job.flow is not None]  # walked side by side without threads
@@ -160,14 +163,15 @@ def _step_map(
     def step_map(denoise: DenoiseFn, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def recorded(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            calls.append((x, denoise(x, sigma)))
+        def recorded(x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+            calls.append((x, denoise(x, sigma, **cond)))
             return calls[-1][1]
 
+        bound = bind_cond(recorded if with_denoiser else denoise, m.cond)
         history = m.history
         if m.ahead_point is not None:
-            history = (denoise(m.ahead_point + (z - m.x), sigma_k), *history[1:])
-        step = spec.step(recorded if with_denoiser else denoise, z, grid, k, history, options)
+            history = (bind_cond(denoise, m.cond)(m.ahead_point + (z - m.x), sigma_k), *history[1:])
+        step = spec.step(bound, z, grid, k, history, options)
         applied = combine(z, step.x_next, gamma, m.scale)
         if not with_denoiser:
             return (applied,)
@@ -190,15 +194,16 @@ def _joint_map(
     levels = [job.flow for job in group if job.flow is not None]
     maps = [_padded(job.fn, width) for job in group if job.fn is not None]
     if len(levels) == len(group):
-        return lambda z: (flow_maps(denoiser, z, levels, sizes, max_log_step=flow_log_step),)
+        cond = cond_cat([job.cond for job in group])
+        return lambda z: (flow_maps(denoiser, z, levels, sizes, max_log_step=flow_log_step, cond=cond),)
     if len(maps) == len(group):
         return lockstep(denoiser, maps, sizes)
     raise ValueError("a group mixes exact flows with other maps")
 
 
-def _denoiser_map(sigma: float) -> DenoiserMap:
-    """z -> D(z, sigma)."""
-    return lambda denoise, z: (denoise(z, torch.tensor(sigma, dtype=z.dtype, device=z.device)),)
+def _denoiser_map(sigma: float, cond: Cond | None) -> DenoiserMap:
+    """z -> D(z, sigma; cond)."""
+    return lambda denoise, z: (bind_cond(denoise, cond)(z, torch.tensor(sigma, dtype=z.dtype, device=z.device)),)
 
 
 def _padded(fn: DenoiserMap, width: int) -> DenoiserMap:
