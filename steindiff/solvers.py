@@ -7,6 +7,21 @@ u = x - T(x) and the local Lipschitz constant of the step, well defined and comp
 
 Notation: lambda = -log sigma (half log-SNR), h = lambda_{k+1} - lambda_k, e^{-h} = sigma_{k+1}/sigma_k.
 All steps share the exact linear part (sigma_{k+1}/sigma_k) x: dT/dx = (sigma_{k+1}/sigma_k) I + (terms in dD/dx).
+
+Every step function has the signature of :attr:`SolverSpec.step`:
+
+    Arguments:
+        denoise: the denoiser, called as ``denoise(x, sigma)`` with x (B, ...) and sigma a 0-d tensor; for a
+            conditional model, the conditioning of x's rows is bound to it (``denoisers.base.bind_cond``).
+        x: the state x_k at ``sigmas[k]``, (B, ...).
+        sigmas: the grid sigma_0 > ... > sigma_N >= 0.
+        k: the step, from ``sigmas[k]`` to ``sigmas[k + 1]``.
+        history: the earlier denoiser outputs the step reuses, newest first, each (B, ...) (empty at the start).
+        options: the solver's options.
+
+    Returns:
+        A :class:`StepResult`: T(x_k) (B, ...), the x0 prediction of this step (B, ...), the next history and
+        the look-ahead point (B, ...) or None.
 """
 
 from __future__ import annotations
@@ -101,7 +116,19 @@ def ddim_step(
     denoise: DenoiseFn, x: torch.Tensor, sigmas: Sequence[float], k: int, history: History, options: SolverOptions
 ) -> StepResult:
     """DDIM = DPM-Solver-1 = Euler in EDM coordinates (Song et al. 2021, Eq. 12; Lu et al. 2022b, Eq. 9):
-    T(x) = (sigma'/sigma) x + (1 - sigma'/sigma) D(x, sigma)."""
+    T(x) = (sigma'/sigma) x + (1 - sigma'/sigma) D(x, sigma). One network call; no history.
+
+    Arguments:
+        denoise: D(x, sigma), the conditioning of x's rows bound.
+        x: the state x_k, (B, ...).
+        sigmas: the grid; the step goes from ``sigmas[k]`` to ``sigmas[k + 1]``.
+        k: the step.
+        history: unused (DDIM keeps none).
+        options: unused.
+
+    Returns:
+        T(x_k) and D(x_k, sigma_k), each (B, ...), and an empty history.
+    """
     sigma, sigma_next = sigmas[k], sigmas[k + 1]
     denoised = denoise(x, _sig(sigma, x))
     ratio = sigma_next / sigma
@@ -138,7 +165,21 @@ def _dpmpp_multistep(max_order: int, name: str):
         return StepResult(x_next, denoised, outputs[: max_order - 1])
 
     step.__name__ = name
-    step.__doc__ = f"DPM-Solver++({max_order}M) in EDM coordinates (data prediction, multistep)."
+    step.__doc__ = f"""DPM-Solver++({max_order}M) in EDM coordinates (data prediction, multistep; Lu et al. 2022b,
+    Algorithm 2 and App. B): x_{{k+1}} = e^{{-h}} x_k - expm1(-h) D_k plus the divided differences of the stored
+    outputs, of order up to {max_order} (lower at the start, into sigma = 0 and with ``lower_order_final``).
+
+    Arguments:
+        denoise: D(x, sigma), the conditioning of x's rows bound.
+        x: the state x_k, (B, ...).
+        sigmas: the grid; the step goes from ``sigmas[k]`` to ``sigmas[k + 1]``.
+        k: the step.
+        history: the earlier outputs D_{{k-1}}, ..., newest first, each (B, ...).
+        options: ``lower_order_final`` and, for 3M, ``dpmpp_3m_d2_weight``.
+
+    Returns:
+        T(x_k) and D(x_k, sigma_k), each (B, ...), and the next history (the newest {max_order - 1} outputs).
+    """
     return step
 
 
@@ -183,6 +224,18 @@ def unipc_step(
     part and through the one evaluation at the new predictor point (which the next step reuses as its
     m0: no extra NFE). At the first step there is no m0 yet and D(x) is evaluated here (2 NFE);
     the last step has no corrector and no evaluation (0 NFE): N steps cost N NFE in all.
+
+    Arguments:
+        denoise: D(x, sigma), the conditioning of x's rows bound.
+        x: the (corrected) state x_k, (B, ...).
+        sigmas: the grid; the step goes from ``sigmas[k]`` to ``sigmas[k + 1]``.
+        k: the step.
+        history: D at the previous predictor points, newest first, each (B, ...) (empty at the first step).
+        options: ``unipc_order``, ``unipc_variant``, ``unipc_corrector``, ``lower_order_final``.
+
+    Returns:
+        T(x_k) (UniC-p after UniP-p, Eq. 8), the newest output m_new (B, ...), the next history and the
+        predictor point x^p_{k+1} (B, ...) where m_new was evaluated (None at the last step).
     """
     sigma, sigma_next = sigmas[k], sigmas[k + 1]
     outputs = history if history else (denoise(x, _sig(sigma, x)),)
@@ -209,7 +262,19 @@ def heun_step(
     denoise: DenoiseFn, x: torch.Tensor, sigmas: Sequence[float], k: int, history: History, options: SolverOptions
 ) -> StepResult:
     """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1, S_churn = 0):
-    Euler d = (x - D(x, sigma))/sigma, then the trapezoid correction unless sigma' = 0 (2 NFE, last step 1)."""
+    Euler d = (x - D(x, sigma))/sigma, then the trapezoid correction unless sigma' = 0 (2 NFE, last step 1).
+
+    Arguments:
+        denoise: D(x, sigma), the conditioning of x's rows bound.
+        x: the state x_k, (B, ...).
+        sigmas: the grid; the step goes from ``sigmas[k]`` to ``sigmas[k + 1]``.
+        k: the step.
+        history: unused (Heun keeps none).
+        options: unused.
+
+    Returns:
+        T(x_k) and D(x_k, sigma_k), each (B, ...), and an empty history.
+    """
     sigma, sigma_next = sigmas[k], sigmas[k + 1]
     denoised = denoise(x, _sig(sigma, x))
     slope = (x - denoised) / sigma
@@ -225,7 +290,12 @@ StepFn = Callable[[DenoiseFn, torch.Tensor, Sequence[float], int, History, Solve
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """A registered solver: its step map, its NFE for a number of steps, and a description."""
+    """A registered solver: its step map, its NFE for a number of steps, and a description.
+
+    ``step(denoise, x, sigmas, k, history, options) -> StepResult`` is the pure map T(x_k; history) from
+    ``sigmas[k]`` to ``sigmas[k + 1]`` (the arguments and result in the module docstring): x (B, ...), the
+    history's outputs (B, ...) each, held fixed; ``denoise(x, sigma)`` carries the rows' conditioning.
+    """
 
     name: str
     step: StepFn

@@ -144,7 +144,19 @@ def divergence(
     """div_x T per sample by VJPs, where ``t = T(x)`` was computed from ``x`` with ``requires_grad``.
 
     Hutchinson's estimate (:func:`hutchinson`) with K probes, or with ``kind`` "exact" the sum of the d
-    diagonal entries, one VJP a coordinate. ``batched`` takes the K probe VJPs in one vectorised backward.
+    diagonal entries, one VJP a coordinate.
+
+    Arguments:
+        t: T(x), (B, ...), with a graph to ``x``.
+        x: the point, (B, ...), with ``requires_grad``.
+        kind: "rademacher", "gaussian" or "exact".
+        probes: K, the number of probes.
+        generator: the CPU generator the probes are drawn from.
+        identity: the coefficient of I in dT/dx, if known (see :func:`hutchinson`).
+        batched: take the K probe VJPs in one vectorised backward.
+
+    Returns:
+        div_x T per sample (B,) and the standard error of its batch mean (0 for the exact trace).
     """
     if kind == "exact":
         return DivergenceEstimate(_exact_trace(t, x), 0.0)

@@ -81,7 +81,8 @@ class Denoiser(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        """The posterior mean x0_hat = D(x, sigma; cond) ~ E[x0 | x, cond] (EDM's denoiser, Karras et al. 2022).
+        """The posterior mean x0_hat = D(x, sigma; cond) ~ E[x0 | x, cond], whose residual gives the score by
+        Tweedie's formula: grad log p_sigma(x) = (D(x, sigma) - x) / sigma^2 (EDM, Karras et al. 2022, Eq. 3).
 
         Arguments:
             x: noisy samples x = x0 + sigma eps, (B, *event_shape).
