@@ -23,8 +23,8 @@ and gamma_raw = b / c is its minimiser. A state on the marginal at sigma_{k-1}, 
 posterior, has E||x - x*||^2 = E||x - D||^2 + tr Cov[x0|x] = sigma^2 (d - E div D) + sigma^2 E div D
 = d sigma_{k-1}^2 (the noise-level identity plus Tweedie's covariance). The literal rule ignores this
 floor: it lands near the posterior mean D(x_k) (J far below d sigma_{k-1}^2), the next state has too
-little noise for its level, u collapses while sigma^2 div u does not, and gamma explodes (1e3-1e5
-measured). "cap" keeps gamma on the segment from 1 to gamma_raw where J(gamma) >= d sigma_{k-1}^2;
+little noise for its level, u collapses while sigma^2 div u does not, and gamma explodes (by orders of
+magnitude). "cap" keeps gamma on the segment from 1 to gamma_raw where J(gamma) >= d sigma_{k-1}^2;
 "match" takes the root of J(gamma) = d sigma_{k-1}^2 nearest to 1 (gamma_raw when J never gets down
 to the floor). Both are defined in EDM coordinates.
 

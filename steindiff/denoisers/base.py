@@ -199,16 +199,15 @@ def prepare_for_device(model: Denoiser, device: str | torch.device, functorch: b
 
     Layout: channels-last for image models on the CPU, unless the run uses ``functorch`` transforms
     (forward-mode AD, or gradients batched by vmap: PyTorch's GroupNorm and vmap fail on channels-last
-    activations); contiguous otherwise. oneDNN's convolutions and group norms are faster channels-last: the
-    mnist UNet's forward took 95 instead of 117 ms at batch 48 in the app (2 cores), and a forward and
-    backward at batch 52 250 instead of 300 ms. A conversion takes about a millisecond for the shipped UNets.
+    activations); contiguous otherwise. oneDNN's convolutions and group norms are faster channels-last, forward
+    and backward, and the conversion is cheap for the shipped UNets (measured: see docs/design.md).
 
     Precision: on CUDA, PyTorch lets cuDNN run float32 convolutions in TF32 by default, which reads 10 bits of
     each input's mantissa. A forward difference moves the state by about 3e-4 of its norm (``fd_step``), under
-    TF32's rounding of 5e-4: with TF32 emulated on the CPU the mnist UNet's forward-difference Lipschitz
-    estimates strayed up to 20% from the double VJP's (within 0.2% in float32) and the Hutchinson s_div 1.3%.
-    This turns TF32 off in cuDNN and CUDA's matmuls for the whole process (PyTorch's flags of old, which leave
-    its newer ``fp32_precision`` settings readable and consistent).
+    TF32's rounding of 5e-4, so TF32 would spoil the forward-difference Lipschitz estimates and Hutchinson
+    products that float32 gets right (measured: see docs/design.md). This turns TF32 off in cuDNN and CUDA's
+    matmuls for the whole process (PyTorch's flags of old, which leave its newer ``fp32_precision`` settings
+    readable and consistent).
     """
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.allow_tf32 = False

@@ -168,8 +168,8 @@ def build_network(kind: str, config: dict) -> nn.Module:
     raise ValueError(f"unknown network kind {kind!r}; expected 'unet' or 'mlp'")
 
 
-#: samples a UNet call takes at once on the CPU: the mnist UNet ran 4.5 ms a sample at batch 32-64, 5.3 at
-#: 128 and 8.6 at 384 (oneDNN, one thread), and the forward-difference probes make batches of (K + 1) B
+#: samples a UNet call takes at once on the CPU: oneDNN's cost a sample grows with the batch past a few dozen
+#: (measured: see docs/design.md), and the forward-difference probes make batches of (K + 1) B
 UNET_CPU_CHUNK = 64
 
 

@@ -138,7 +138,7 @@ def local_lipschitz(
     result is a lower bound that converges much faster. ``mode`` "jvp" uses forward-mode AD for J w;
     "vjp2" a double VJP (for models where forward mode fails); "fd" a forward difference
     (:func:`steindiff.correction.divergence.fd_step`): one forward a product instead of three, and a lower
-    bound only up to the difference's error (3 rounds on the shipped UNet: within 1% of the double VJP's).
+    bound only up to the difference's error (close to the double VJP's: measured, see docs/design.md).
     ``start`` gives the start vectors q_1 (shaped like ``x``; normalised per sample), else they are
     Gaussian from ``generator``.
     """

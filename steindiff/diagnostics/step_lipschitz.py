@@ -87,10 +87,8 @@ def measure_lipschitz(
     call is at the step's input (``SolverSpec.one_call_at_input``), the denoiser is the step map's second
     output, its estimate on the step's Krylov space (:func:`steindiff.diagnostics.jacobians.jacobian_norms`), for no
     network call: dT/dx = a I + b dD/dx, so the two share their leading directions where dD/dx is near
-    symmetric, as a denoiser's is. On ``mnist`` (the app's 3 rounds against 20; DDIM, DPM-Solver++(2M) and
-    (3M) at NFE 4-10, two seeds, 120 steps) the largest constant a step was a median 0.997 of the 20 rounds'
-    (1.000 on a space of its own), within 3% at 100 steps (108), 0.82 at worst (0.90), where the step's own
-    estimate was 0.83. Else the denoiser is a map of its own. These maps are independent, so one Krylov
+    symmetric, as a denoiser's is: the estimate stays close to one on a space of its own (measured: see
+    docs/design.md). Else the denoiser is a map of its own. These maps are independent, so one Krylov
     estimate of their block-diagonal joint map, whose network calls run as one batched call a round
     (:func:`~steindiff.diagnostics.lockstep.lockstep`), gives all of them, in groups of at most
     ``config.lipschitz_batch`` samples. Each map keeps its own start vectors, so the estimates do not
@@ -187,9 +185,8 @@ def _joint_map(
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
     """The block-diagonal map of a group's jobs: exact flows walked side by side (:func:`flow_maps`), other
     maps in lockstep, each padded to ``width`` outputs. The flows' walks are long (RK4 in steps of
-    ``flow_log_step``) around a network that takes microseconds: on the 2-core CPU a new ``gmm-ring`` seed's
-    Lipschitz pass took 0.27-0.54 s with the flows in lockstep, most of it the threads' hand-offs, and
-    0.14-0.18 s with them walked side by side."""
+    ``flow_log_step``) around a cheap exact network, so in lockstep the threads' hand-offs would cost more
+    than the calls themselves; walked side by side they take none (measured: see docs/design.md)."""
     sizes = [len(job.x) for job in group]
     levels = [job.flow for job in group if job.flow is not None]
     maps = [_padded(job.fn, width) for job in group if job.fn is not None]
