@@ -79,6 +79,7 @@ class Form:
 
     controls: dict[str, gr.components.Component]
     preset: gr.Dropdown
+    claim: gr.Markdown
     dice: gr.Button
     run: gr.Button
     download: gr.File
@@ -112,6 +113,7 @@ def _control(control: Control, value: Any, choices: list[str] | None, **common: 
 def form(initial: dict[str, Any], models: list[str]) -> Form:
     """Presets, Run, the run's settings, the correction's and the diagnostics'; the probes' settings folded."""
     preset = gr.Dropdown(list(PRESETS), label="Lesson presets", value=None)
+    claim = gr.Markdown("", elem_id="claim")  # the chosen preset's claim
     run = gr.Button("Run", variant="primary", elem_id="run")  # at the top: in sight on load, over no control
     controls: dict[str, gr.components.Component] = {}
     advanced = {name: c for name, c in Settings.controls().items() if c.group == "advanced"}
@@ -125,7 +127,7 @@ def form(initial: dict[str, Any], models: list[str]) -> Form:
     download = gr.File(label="download the run (JSON, CSV, PNG)", elem_id="download")
     with gr.Accordion("Stein correction: probes and coordinates", open=False):
         controls |= {name: _control(control, initial[name], None) for name, control in advanced.items()}
-    return Form({name: controls[name] for name in Settings.names()}, preset, dice, run, download)
+    return Form({name: controls[name] for name in Settings.names()}, preset, claim, dice, run, download)
 
 
 def page() -> Page:
@@ -216,8 +218,10 @@ def events(demo: gr.Blocks, session: Session, settings: Form, out: Page, initial
         return (*on_compute_thread(render, at).values(), at)
 
     def apply_preset(name: str) -> tuple:
-        changes = PRESETS.get(name, {})
-        return tuple(gr.update(value=changes[k]) if k in changes else gr.update() for k in Settings.names())
+        preset = PRESETS.get(name)
+        changes = preset.settings if preset else {}
+        updates = tuple(gr.update(value=changes[k]) if k in changes else gr.update() for k in Settings.names())
+        return (*updates, f"*{preset.claim}*" if preset else "")
 
     def layout(at: Shown | None) -> tuple:
         image = at is not None and at.result.model.kind == "image"
@@ -246,7 +250,7 @@ def events(demo: gr.Blocks, session: Session, settings: Form, out: Page, initial
     out.scrubber.release(scrub, [shown, out.scrubber], [*views, shown], api_name=False, concurrency_limit=1).success(
         None, out.scrubber, None, js=STEP_JS, api_name=False, queue=False
     )
-    settings.preset.input(apply_preset, settings.preset, controls, api_name=False)
+    settings.preset.input(apply_preset, settings.preset, [*controls, settings.claim], api_name=False)
     model, batch, rule = (settings.controls[k] for k in ("model", "batch", "rule"))
     model.input(partial(batch_for_model, catalog), [model, batch], batch, api_name=False, queue=False)
     custom = [settings.controls[k] for k, control in Settings.controls().items() if control.group == "custom"]

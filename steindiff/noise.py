@@ -11,7 +11,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["LIPSCHITZ_STREAM", "PROBE_STREAM", "derived_seeds", "initial_noise", "stream_generator"]
+__all__ = [
+    "AMPLIFICATION_STREAM",
+    "LIPSCHITZ_STREAM",
+    "PROBE_STREAM",
+    "derived_seeds",
+    "initial_noise",
+    "stream_generator",
+]
 
 _MASK32 = 0xFFFFFFFF
 #: the hash constants of numpy's SeedSequence (numpy 1.17+, random/bit_generator.pyx), from whose seeds every
@@ -107,8 +114,9 @@ def initial_noise(
     return (sigma * eps).to(dtype=dtype, device=device)
 
 
-#: the streams of :func:`stream_generator`: the Hutchinson probes, the Krylov start vectors
-PROBE_STREAM, LIPSCHITZ_STREAM = 1, 2
+#: the streams of :func:`stream_generator`: the Hutchinson probes, the Krylov start vectors of the step maps and
+#: of the runs' tails (the benchmark's blocks draw stream 3)
+PROBE_STREAM, LIPSCHITZ_STREAM, AMPLIFICATION_STREAM = 1, 2, 4
 
 
 def stream_generator(seed: int, *stream: int) -> torch.Generator:

@@ -25,6 +25,9 @@ class DiagnosticsConfig:
         estimate takes (every step's maps at once, see ``step_lipschitz.measure_lipschitz``); memory
         grows with it.
     flow_lipschitz: also that of the exact ODE flow between the same noise levels (exact models only).
+    amplification: how much an error in each state x_k grows by the run's end, ||dx_N / dx_k|| on the same
+        samples (``steindiff.diagnostics.amplification``); ``flow_amplification`` also the true flow's from
+        sigma_k to 0 at the reference's state (needs ``reference``; RK4 in steps of ``flow_log_step``).
     reference: error of every state to the reference ODE solution from the same noise, on the first
         ``reference_samples`` samples (all when None), integrated by ``reference_method`` ("rk4", or
         "dpmpp_3m": one network call a step instead of four, third order; ``steindiff.diagnostics.reference``).
@@ -39,6 +42,8 @@ class DiagnosticsConfig:
     lipschitz_iters: int = 20
     lipschitz_batch: int = 64
     flow_lipschitz: bool = True
+    amplification: bool = False
+    flow_amplification: bool = False
     flow_log_step: float = 0.1
     jacobian_mode: JacobianMode = "vjp2"
     reference: bool = True
@@ -81,6 +86,13 @@ class StepRecord:
     lipschitz_denoiser_max: float | None = None
     bound_paper: float | None = None
     lipschitz_flow_max: float | None = None
+    #: ||dx_N / dx_k|| over the probed samples: how much an error in this step's input state x_k grows by the
+    #: run's end (``diagnostics.amplification``), and the same for the true ODE flow from sigma_k to 0 at the
+    #: reference solution's state
+    amplification_median: float | None = None
+    amplification_max: float | None = None
+    flow_amplification_median: float | None = None
+    flow_amplification_max: float | None = None
     err_ref: float | None = None
     finite: bool = True
     diagnostics_time_s: float = 0.0

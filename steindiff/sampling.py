@@ -22,6 +22,7 @@ from steindiff.denoisers.base import (
     cond_rows,
     same_cond,
 )
+from steindiff.diagnostics.amplification import measure_amplification
 from steindiff.diagnostics.jacobians import JacobianMode, mean_distance
 from steindiff.diagnostics.reference import FlowSolution, solve_for_grid
 from steindiff.diagnostics.step_lipschitz import MapAtStep, measure_lipschitz
@@ -32,7 +33,7 @@ from steindiff.solvers import SolverOptions, SolverSpec, get_solver, with_lookah
 __all__ = ["Phase", "compare", "sample", "takes_functorch"]
 
 #: the parts of a comparison outside its steps, each announced as it starts (``compare``'s ``on_phase``)
-Phase = Literal["reference", "lipschitz"]
+Phase = Literal["reference", "lipschitz", "amplification"]
 
 
 def takes_functorch(products: str | None, jacobian_mode: JacobianMode = "vjp2") -> bool:
@@ -107,9 +108,11 @@ def sample(
         callback=callback,
         cond=cond,
     )
+    runs = [(run, maps, _applied_spec(solver, stein))]
     if diagnostics.lipschitz:
-        runs = [(run, maps, _applied_spec(solver, stein))]
         measure_lipschitz(denoiser, runs, _grid(sigmas), options, diagnostics, seed)
+    if diagnostics.amplification:
+        measure_amplification(denoiser, runs, _grid(sigmas), options, diagnostics, seed, reference, cond)
     return run
 
 
@@ -162,7 +165,7 @@ def _integrate(
         record.finite = bool(torch.isfinite(x_next).all())
         if reference is not None:
             record.err_ref = mean_distance(x_next[: len(reference[k + 1])], reference[k + 1])
-        if diagnostics.lipschitz and record.finite and bool(torch.isfinite(x).all()):
+        if (diagnostics.lipschitz or diagnostics.amplification) and record.finite and bool(torch.isfinite(x).all()):
             n = min(diagnostics.lipschitz_samples, x.shape[0])
             gamma = stats.applied if stats is not None and stein.apply else None
             maps.append(
@@ -313,5 +316,9 @@ def compare(
         if on_phase is not None:
             on_phase("lipschitz")
         measure_lipschitz(denoiser, runs, grid, options, diagnostics, seed)
+    if diagnostics.amplification:
+        if on_phase is not None:
+            on_phase("amplification")
+        measure_amplification(denoiser, runs, grid, options, diagnostics, seed, reference, cond)
     vanilla, corrected = runs[0][0], (runs[1][0] if len(runs) > 1 else None)
     return Comparison(grid, vanilla, corrected, reference, flow)

@@ -30,7 +30,15 @@ from steindiff.app.summary import summary_markdown
 from steindiff.app.views import Shown, render
 from steindiff.experiment import ModelCatalog, run_experiment
 
-GOOD = {**Settings.defaults(), "model": "gmm-ring", "batch": 64, "gamma_max": 1.0, "literal": True, "rule": "custom"}
+GOOD = {
+    **Settings.defaults(),
+    "model": "gmm-ring",
+    "solver": "dpmpp_2m",
+    "batch": 64,
+    "gamma_max": 1.0,
+    "literal": True,
+    "rule": "custom",
+}
 
 
 def _call(client: Client, **changes):
@@ -82,7 +90,7 @@ def test_run_is_called_by_keyword_and_the_rest_default(server):
 def test_every_preset_is_a_valid_run_the_form_offers():
     catalog = ModelCatalog()
     for name, preset in PRESETS.items():
-        settings = {**Settings.defaults(), **preset}
+        settings = {**Settings.defaults(), **preset.settings}
         offered = {key: control.choices for key, control in Settings.controls().items() if control.choices}
         assert all(settings[key] in choices for key, choices in offered.items()), name
         Settings.from_values(**settings).experiment(catalog).check(catalog, LIMITS)
@@ -94,7 +102,7 @@ def test_a_link_sets_what_it_names_and_falls_back_where_the_form_offers_no_such_
     assert Settings.from_link(link, models, "mnist") == {**link, "seed": 7, "stein_on": False}
     mistyped = {"solver": "ddim lookahead", "schedule": "zz", "nfe": "x", "model": "nope", "probe": "cauchy"}
     assert Settings.from_link(mistyped, models, "gmm-ring") == {
-        "solver": "dpmpp_2m",
+        "solver": Settings.solver,
         "schedule": "karras",
         "nfe": 5,
         "model": "gmm-ring",
@@ -196,7 +204,7 @@ def test_render_and_download_from_a_real_run(tmp_path):
     figure = diagnostics_figure(result, 2)
     assert len(figure.data) > 10 and len(particles_figure(result, 2).data) >= 6
     # the L panel spans 1 to 30 at least (its shaded band): ticks labelled in full, 1 among them
-    lipschitz_axis = figure.layout.yaxis4
+    lipschitz_axis = figure.layout.yaxis2
     assert "1" in lipschitz_axis.ticktext
     assert list(lipschitz_axis.ticktext) == [f"{v:g}" for v in lipschitz_axis.tickvals]
     with zipfile.ZipFile(write_download(result, tmp_path)) as archive:
@@ -271,9 +279,9 @@ def test_good_run_over_the_api(server):
 
 
 @pytest.mark.slow
-def test_progress_names_the_reference_each_step_and_the_lipschitz_estimates_in_order(server):
+def test_progress_names_the_reference_each_step_and_the_post_passes_in_order(server):
     """The progress a client sees (gradio sends the latest every 10 ms): the reference solution of a new seed
-    first, at 0, then the runs' steps, then the Lipschitz estimates, never going back."""
+    first, at 0, then the runs' steps, then the Lipschitz estimates and the amplification, never going back."""
     job = Client(server, verbose=False).submit(
         **{**GOOD, "model": "mnist", "batch": 8, "solver": "ddim", "nfe": 3, "seed": 4242}, api_name="/run"
     )
@@ -283,11 +291,11 @@ def test_progress_names_the_reference_each_step_and_the_lipschitz_estimates_in_o
         updates.append(job.communicator.updates.get_nowait())
     units = [unit for update in updates if isinstance(update, StatusUpdate) for unit in update.progress_data or []]
     descs = [desc for desc, _ in itertools.groupby(unit.desc for unit in units)]
-    assert descs[0] == PHASE_TEXT["reference"] and descs[-1] == PHASE_TEXT["lipschitz"], descs
-    assert set(descs[1:-1]) <= {f"{label}: step {k} of 3" for label in ("vanilla", "stein") for k in (1, 2, 3)}, descs
-    assert len(descs) >= 3, descs
+    assert descs[0] == PHASE_TEXT["reference"] and descs[-2:] == [PHASE_TEXT["lipschitz"], PHASE_TEXT["amplification"]]
+    assert set(descs[1:-2]) <= {f"{label}: step {k} of 3" for label in ("vanilla", "stein") for k in (1, 2, 3)}, descs
+    assert len(descs) >= 4, descs
     fractions = [unit.progress for unit in units]
-    assert fractions[0] == 0 and fractions == sorted(fractions) and fractions[-1] == 0.5, fractions
+    assert fractions[0] == 0 and fractions == sorted(fractions) and fractions[-1] == pytest.approx(2 / 3), fractions
 
 
 def test_a_diverging_run_shows_where_it_diverged_and_renders(server):
@@ -301,8 +309,9 @@ def test_a_diverging_run_shows_where_it_diverged_and_renders(server):
     step = summary["stein"]["final"]["first_nonfinite_step"]
     assert step is not None and summary["vanilla"]["final"]["first_nonfinite_step"] is None
     lost = summary["stein"]["final"]["nonfinite_samples"]
-    assert lost >= 1 and f"| step {step} ({lost} of 16 samples) |" in summary_md
-    assert f"stein non-finite from step {step}" in diagnostics["plot"]
+    # one numbering on the page: step k makes x_k (the JSON's first_nonfinite_step is the record's index)
+    assert lost >= 1 and f"| step {step + 1} ({lost} of 16 samples) |" in summary_md
+    assert f"stein non-finite from x_{step + 1} (step {step + 1})" in diagnostics["plot"]
     assert "particles non-finite" in particles["plot"]
     with zipfile.ZipFile(out[11]) as archive:
         run = json.loads(archive.read("run.json"))["stein"]

@@ -103,6 +103,7 @@ def test_batched_probes_give_the_loop_estimate():
     assert batched.batch_se == pytest.approx(loop.batch_se, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sweep_scores_every_cell_and_the_reference_error_falls_with_nfe():
     config = _ring_config(variants=("vanilla", "stein", "stein-safe"))
     results = _run(config)
@@ -125,6 +126,7 @@ def test_sweep_scores_every_cell_and_the_reference_error_falls_with_nfe():
         assert (r.gamma_moved == 0) == (r.scores == base.scores and r.err_ref == base.err_ref)
 
 
+@pytest.mark.slow
 def test_vanilla_samples_do_not_depend_on_the_batch_size():
     changes = {"variants": ("vanilla",), "seeds": (3,), "solvers": ("heun",)}
     small, large = _run(_ring_config(batch=7, **changes)), _run(_ring_config(batch=96, **changes))
@@ -139,6 +141,7 @@ def test_bad_sweeps_are_refused():
             _ring_config(**bad)
 
 
+@pytest.mark.slow
 def test_outputs_hold_every_row_and_a_plot(tmp_path):
     config = _ring_config(nfe=(3,), seeds=(0,), samples=32)
     results = _run(config)
@@ -152,6 +155,7 @@ def test_outputs_hold_every_row_and_a_plot(tmp_path):
     assert paths["metric.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_tallies_count_a_repeated_run_once():
     """Heun asked for NFE 4 runs the NFE 3 grid: that cell repeats a run, named in the verdict, not counted."""
     rows = summarise(_run(_ring_config(nfe=(3, 4), seeds=(0,), samples=32)))
@@ -161,6 +165,7 @@ def test_the_tallies_count_a_repeated_run_once():
     assert " of 3 runs, " in line and "1 more cell repeats one of them" in line  # 2M at NFE 3 and 4, Heun's 3
 
 
+@pytest.mark.slow
 def test_the_plot_legend_names_every_variant_and_schedule_whichever_panel_holds_them():
     config = _ring_config(nfe=(3,), seeds=(0,), samples=32, schedules=("karras", "logsnr"))
     rows = [r for r in summarise(_run(config)) if not (r["solver"] == "heun" and r["variant"] == "stein")]
@@ -171,6 +176,7 @@ def test_the_plot_legend_names_every_variant_and_schedule_whichever_panel_holds_
     plt.close(figure)
 
 
+@pytest.mark.slow
 def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
     """benchmarks/results.py --merge: pieces by solver (and, for one solver, by variant), on two machines
     and merged in two rounds, give the summary of the sweep run at once."""
@@ -211,6 +217,7 @@ def test_sweeps_run_in_pieces_merge_into_the_whole_sweep(tmp_path):
         page.merge("gmm-ring", [tmp_path / first, tmp_path / first], tmp_path / "merged")
 
 
+@pytest.mark.slow
 def test_missing_names_each_piece_with_only_the_variants_it_lacks(tmp_path, monkeypatch, capsys):
     """benchmarks/results.py --missing, which gpu_session.sh runs pieces from: a later piece must hold only the
     variants a solver and schedule lack, as a merge refuses a cell held twice; on a solver with its own
@@ -268,6 +275,7 @@ def test_bench_command_refuses_bad_input(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_give_the_single_process_numbers(tmp_path):
     args = [
         "-m",
@@ -310,6 +318,7 @@ def test_two_torchrun_processes_give_the_single_process_numbers(tmp_path):
             assert a[key] == (None if b[key] is None else pytest.approx(b[key], rel=1e-9)), key
 
 
+@pytest.mark.slow
 def test_cost_table_compares_every_case_to_vanilla():
     cases = cost_cases(["stein", "stein-cap1"], [1, 3])
     labels = [c.label for c in cases]

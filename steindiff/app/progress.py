@@ -13,18 +13,21 @@ __all__ = ["PHASE_TEXT", "ProgressPlan"]
 PHASE_TEXT: dict[Phase, str] = {
     "reference": "solving the reference ODE from the same noise",
     "lipschitz": "estimating the step maps' Lipschitz constants",
+    "amplification": "measuring how much each state's errors grow by the end",
 }
 
 
 class ProgressPlan:
-    """The bar of one experiment: the reference solution (when solved) at 0, the runs' steps, then the
-    Lipschitz estimates, weighted as all the steps together (they take about as long: docs/app-performance.md).
-    Each method returns (fraction done, description)."""
+    """The bar of one experiment: the reference solution (when solved) at 0, the runs' steps, then the Lipschitz
+    estimates and the error amplification, each weighted as all the steps together (they take about as long:
+    docs/app-performance.md). Each method returns (fraction done, description)."""
 
     def __init__(self, experiment: Experiment):
         self.steps = get_solver(experiment.solver).steps_for_nfe(experiment.nfe)
         self.sampled = (2 if experiment.stein else 1) * self.steps
-        self.total = self.sampled * (2 if experiment.diagnostics.lipschitz else 1)
+        diagnostics = experiment.diagnostics
+        self.after = {"lipschitz": diagnostics.lipschitz, "amplification": diagnostics.amplification}
+        self.total = self.sampled * (1 + sum(self.after.values()))
 
     def step(self, label: str, record: StepRecord) -> tuple[float, str]:
         """After step ``record.step`` of the run ``label`` ('vanilla' runs first, then 'stein')."""
@@ -33,4 +36,8 @@ class ProgressPlan:
 
     def phase(self, phase: Phase) -> tuple[float, str]:
         """As ``phase`` starts."""
-        return (0.0 if phase == "reference" else self.sampled / self.total), PHASE_TEXT[phase]
+        if phase == "reference":
+            return 0.0, PHASE_TEXT[phase]
+        before = list(self.after).index(phase)  # the post-passes that ran before this one
+        done = self.sampled * (1 + sum(list(self.after.values())[:before]))
+        return done / self.total, PHASE_TEXT[phase]

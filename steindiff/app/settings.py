@@ -90,10 +90,11 @@ def _choices(kind: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the form sets for one comparison, in the form's order (and the ``/run`` parameters')."""
+    """Everything the form sets for one comparison, in the form's order (and the ``/run`` parameters'). The
+    defaults are the first lesson (presets.PRESETS' first): a 3-step Heun run on mnist, in the trap, corrected."""
 
     model: str = _setting(DEFAULT_IMAGE_MODEL, Control("model", "dropdown"))
-    solver: str = _setting("dpmpp_2m", Control("solver", "dropdown", choices=tuple(s for s in SOLVERS if s != "euler")))
+    solver: str = _setting("heun", Control("solver", "dropdown", choices=tuple(s for s in SOLVERS if s != "euler")))
     schedule: str = _setting("karras", Control("schedule", "dropdown", choices=tuple(SCHEDULES)))
     nfe: int = _setting(5, Control("NFE (network evaluations)", "slider", low=1, high=LIMITS.max_nfe, whole=True))
     batch: int = _setting(
@@ -138,8 +139,15 @@ class Settings:
         "edm", Control("coordinates of the combination", "radio", "advanced", choices=_choices(Coords))
     )
     variant: str = _setting("batch", Control("gamma from", "radio", "advanced", choices=_choices(GammaVariant)))
-    lipschitz: bool = _setting(True, Control("local Lipschitz estimates", "checkbox", "diagnostics"))
+    lipschitz: bool = _setting(
+        True, Control("Lipschitz constants and error amplification (the trap)", "checkbox", "diagnostics")
+    )
     reference: bool = _setting(True, Control("error to the reference solution", "checkbox", "diagnostics"))
+    # an image model's true flow, walked from every step's noise level for the amplification, takes minutes on a
+    # CPU (docs/app.md); a 2-D model's takes a fraction of a second and is always measured
+    flow: bool = _setting(
+        False, Control("image models: the true flow's amplification too (slow on a CPU)", "checkbox", "diagnostics")
+    )
 
     @classmethod
     def names(cls) -> list[str]:
@@ -229,6 +237,8 @@ class Settings:
         # the solvers' own final denoising step for images: its accuracy on each model is in docs/design.md.
         diagnostics = DiagnosticsConfig(
             lipschitz=bool(self.lipschitz),
+            amplification=bool(self.lipschitz),
+            flow_amplification=bool(self.lipschitz) and bool(self.reference) and (self.flow or not image),
             lipschitz_samples=4,
             lipschitz_iters=3 if image else 20,
             jacobian_mode="fd" if self.products == "fd" else "vjp2",

@@ -42,7 +42,7 @@ def summary_markdown(result: ExperimentResult) -> str:
             _moves(moved, ruled, applied) if name == "stein" and ruled else "-",
             "-"
             if run.first_nonfinite_step is None
-            else f"step {run.first_nonfinite_step} ({lost} of {len(run.samples)} samples)",
+            else f"step {run.first_nonfinite_step + 1} ({lost} of {len(run.samples)} samples)",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     note = _corrected_step(result) if "stein" in result.runs() else None

@@ -73,7 +73,7 @@ def render(shown: Shown) -> Views:
     else:
         particles = particles_figure(result, step)
     sigma = result.comparison.sigmas[step]
-    label = f"step {step} of {shown.last}: sigma = {sigma:.4g}"
+    label = f"step {step} of {shown.last} done: x_{step} at sigma = {sigma:.4g}"
     return Views(*images, particles, diagnostics_figure(result, step), label)
 
 
