@@ -14,7 +14,7 @@ from steindiff.bench.metrics import DIGIT_SHAPE, load_classifier, score_digits
 from steindiff.correction.rule import SteinConfig
 from steindiff.denoisers import MODELS, Denoiser, ModelKind, load_denoiser, load_model, prepare_for_device
 from steindiff.denoisers.hub import DIFFUSERS_PREFIX, load_diffusers
-from steindiff.diagnostics.reference import FlowSolution
+from steindiff.diagnostics.reference import FlowSolution, reference_floor
 from steindiff.limits import Limits
 from steindiff.noise import initial_noise
 from steindiff.records import Comparison, DiagnosticsConfig, StepRecord
@@ -274,7 +274,7 @@ def run_experiment(
         experiment.seed,
         len(noise[: diag.reference_samples]),
         grid[0],
-        [s for s in grid if s > 0][-1],
+        reference_floor(grid, diag.reference_floor_ratio, model.sigma_min),
         diag.reference_log_step,
         diag.reference_floor_ratio,
         diag.reference_method,

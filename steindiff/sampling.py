@@ -284,7 +284,9 @@ def compare(
             floor_ratio, method = diagnostics.reference_floor_ratio, diagnostics.reference_method
             if on_phase is not None:
                 on_phase("reference")
-            flow = solve_for_grid(denoiser, x[first], grid, log_step, floor_ratio, method, cond_rows(cond, first))
+            flow = solve_for_grid(
+                denoiser, x[first], grid, log_step, floor_ratio, method, cond_rows(cond, first), denoiser.sigma_min
+            )
         elif not same_cond(flow.cond, cond_rows(cond, slice(0, len(flow.states[0])))):
             raise ValueError("the reference solution passed was solved under other conditioning")
         reference = flow.states_at(denoiser, grid)

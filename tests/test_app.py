@@ -462,3 +462,14 @@ def test_a_warm_up_on_a_corrupt_model_is_reported_and_the_server_still_serves(tm
         assert _call(client)[10]["vanilla"]["nfe_total"] == 5  # the server goes on serving
     finally:
         demo.close()
+
+
+def test_a_one_step_runs_reference_integrates_the_whole_ode():
+    """NFE 1 is one denoising step from sigma_max: its reference still solves the ODE down to the model's lowest
+    level (it used to stop at the grid's last positive level, the start, and read an error of 0)."""
+    one, five = (
+        run_experiment(Settings.from_values(**{**GOOD, "nfe": nfe, "lipschitz": False}).experiment(catalog), catalog)
+        for nfe, catalog in ((1, ModelCatalog()), (5, ModelCatalog()))
+    )
+    assert one.comparison.vanilla.final_err_ref > 0.1
+    assert torch.allclose(one.comparison.reference[-1], five.comparison.reference[-1], atol=1e-5)

@@ -9,7 +9,10 @@ from steindiff.bench.metrics import real_digit_fd
 from steindiff.experiment import ExperimentResult
 from steindiff.solvers import SOLVERS, get_solver
 
-__all__ = ["summary_markdown"]
+__all__ = ["BLOW_UP", "summary_markdown"]
+
+#: a run whose final samples are this many times the reference solution's size (or more) has blown up
+BLOW_UP = 10.0
 
 
 def summary_markdown(result: ExperimentResult) -> str:
@@ -21,7 +24,7 @@ def summary_markdown(result: ExperimentResult) -> str:
         f"**{exp.model}**, {exp.solver}, {exp.schedule}, NFE {exp.nfe} "
         f"({len(result.comparison.sigmas) - 1} steps), batch {exp.batch}, seed {exp.seed}",
         "",
-        "| run | NFE | final err_ref | FD-MNIST | gamma raw (min .. max) | gamma moved off 1 (range) | diverged at |",
+        "| run | NFE | final err_ref | FD-MNIST | gamma raw (min .. max) | gamma moved off 1 (range) | diverged |",
         "|---|---|---|---|---|---|---|",
     ]
     marked = False
@@ -40,9 +43,7 @@ def summary_markdown(result: ExperimentResult) -> str:
             _fmt(score.get("fd_mnist")) + mark,
             f"{min(raw):.3g} .. {max(raw):.3g}" if raw else "-",
             _moves(moved, ruled, applied) if name == "stein" and ruled else "-",
-            "-"
-            if run.first_nonfinite_step is None
-            else f"step {run.first_nonfinite_step + 1} ({lost} of {len(run.samples)} samples)",
+            _diverged(result, name),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     note = _corrected_step(result) if "stein" in result.runs() else None
@@ -68,6 +69,20 @@ def summary_markdown(result: ExperimentResult) -> str:
             "the images are the autoencoder's decoding of the latents.",
         ]
     return "\n".join(lines)
+
+
+def _diverged(result: ExperimentResult, name: str) -> str:
+    """Where run ``name`` turned non-finite, or that it blew up: its final samples :data:`BLOW_UP` times the
+    reference solution's size or more (median sample norms, on the reference's samples); "-" otherwise."""
+    run = result.runs()[name]
+    if run.first_nonfinite_step is not None:
+        return f"step {run.first_nonfinite_step + 1} ({run.nonfinite_samples} of {len(run.samples)} samples)"
+    reference = result.comparison.reference
+    if reference is None:
+        return "-"
+    truth = reference[-1].flatten(1).norm(dim=1).median()
+    size = float(run.samples[: len(reference[-1])].flatten(1).norm(dim=1).median() / truth)
+    return f"blew up: samples {size:.3g}x the reference's size" if size >= BLOW_UP else "-"
 
 
 def _corrected_step(result: ExperimentResult) -> str | None:

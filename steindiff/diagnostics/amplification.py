@@ -26,7 +26,7 @@ import torch
 from steindiff.correction.rule import combine
 from steindiff.denoisers.base import Cond, DenoiseFn, Denoiser, bind_cond, cond_repeat, cond_rows
 from steindiff.diagnostics.jacobians import krylov_start, local_lipschitz
-from steindiff.diagnostics.reference import flow_maps
+from steindiff.diagnostics.reference import flow_maps, reference_floor
 from steindiff.diagnostics.step_lipschitz import MapAtStep
 from steindiff.noise import AMPLIFICATION_STREAM, stream_generator
 from steindiff.records import DiagnosticsConfig, RunResult, StepRecord
@@ -133,8 +133,7 @@ def measure_amplification(
             _fill([run.trace[k] for k in starts], "amplification", _norms(fn, z, config, seed, index))
     if not (config.flow_amplification and reference is not None and runs):
         return
-    positive = [s for s in grid if s > 0]
-    floor = positive[-1] * (config.reference_floor_ratio if grid[-1] == 0 else 1.0)
+    floor = reference_floor(grid, config.reference_floor_ratio, denoiser.sigma_min)
     n = min(config.lipschitz_samples, len(reference[0]))
     starts = [k for k in range(steps) if grid[k] > floor and bool(torch.isfinite(reference[k][:n]).all())]
     if starts:

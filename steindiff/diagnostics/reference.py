@@ -36,6 +36,7 @@ __all__ = [
     "LatticeMethod",
     "flow_map",
     "flow_maps",
+    "reference_floor",
     "reference_trajectory",
     "solve_flow",
     "solve_for_grid",
@@ -293,6 +294,17 @@ def solve_flow(
     return FlowSolution(sigmas, *_walk_multistep(bound, x, sigmas), cond=cond)
 
 
+def reference_floor(sigmas: Sequence[float], floor_ratio: float, sigma_min: float | None = None) -> float:
+    """The lowest level a reference for the grid ``sigmas`` solves down to: the grid's last positive level or,
+    when the grid ends at 0, ``floor_ratio`` times the lower of that level and the model's ``sigma_min``. A
+    one-step grid's last positive level is its first: its reference still integrates the ODE the whole way
+    (else it would be the solver's own denoising step, at an error of 0)."""
+    positive = [float(s) for s in sigmas if s > 0]
+    if float(sigmas[-1]) != 0:
+        return positive[-1]
+    return floor_ratio * (positive[-1] if sigma_min is None else min(positive[-1], sigma_min))
+
+
 def solve_for_grid(
     denoise: DenoiseFn,
     x: torch.Tensor,
@@ -301,12 +313,12 @@ def solve_for_grid(
     floor_ratio: float,
     method: LatticeMethod = "rk4",
     cond: Cond | None = None,
+    sigma_min: float | None = None,
 ) -> FlowSolution:
-    """The solution from ``x`` (rows conditioned on ``cond``) at ``sigmas[0]`` that covers the grid ``sigmas``:
-    down to its last positive level, or, when the grid ends at 0, to ``floor_ratio`` times that level."""
-    positive = [float(s) for s in sigmas if s > 0]
-    floor = positive[-1] * (floor_ratio if float(sigmas[-1]) == 0 else 1.0)
-    return solve_flow(denoise, x, positive[0], floor, max_log_step, method, cond)
+    """The solution from ``x`` (rows conditioned on ``cond``) at ``sigmas[0]`` that covers the grid ``sigmas``,
+    down to :func:`reference_floor` (``sigma_min``: the model's lowest noise level)."""
+    floor = reference_floor(sigmas, floor_ratio, sigma_min)
+    return solve_flow(denoise, x, float(sigmas[0]), floor, max_log_step, method, cond)
 
 
 def reference_trajectory(
