@@ -42,6 +42,8 @@ HERE = Path(__file__).resolve().parent / "steindiff" / "app"
 EXPLANATION, CSS, JS = ((HERE / name).read_text() for name in ("explanation.md", "style.css", "page.js"))
 #: system fonts only: the default theme would fetch web fonts from outside the machine
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+#: how the page looks and behaves: server-side rendering off (no Node process), errors shown, our theme and files
+PAGE: dict[str, Any] = {"ssr_mode": False, "show_error": True, "theme": THEME, "css": CSS, "js": JS}
 #: the run's image views: PNG, and no "share" button (gradio's posts to Hugging Face Spaces discussions)
 IMAGE_VIEW: dict[str, Any] = {"format": "png", "buttons": ["download", "fullscreen"], "elem_classes": ["run-image"]}
 #: seconds gradio's queue sleeps between looks for a new request. Gradio's own 1 ms (no public setting) kept a
@@ -154,16 +156,9 @@ def page() -> Page:
     return Page(summary, ordered, image_group, scrubber, summary_json)
 
 
-#: the settings and the shown step join the URL: a link opens the same run at the same view
-URL_JS = (
-    f"(...values) => {{const keys = {Settings.names()!r}; const q = new URLSearchParams(); "
-    "keys.forEach((k, i) => q.set(k, String(values[i]))); "
-    "window.history.replaceState(null, '', '?' + q.toString()); return values;}"
-)
-STEP_JS = (
-    "(k) => {const q = new URLSearchParams(window.location.search); q.set('step', String(k)); "
-    "window.history.replaceState(null, '', '?' + q.toString()); return k;}"
-)
+#: the settings and the shown step join the URL (page.js): a link opens the same run at the same view
+URL_JS = f"(...values) => window.steindiffLink.settings({Settings.names()!r}, values)"
+STEP_JS = "(k) => window.steindiffLink.step(k)"
 
 
 def make_app(catalog: ModelCatalog, first_model: str | None = None, warm_up: bool = False) -> gr.Blocks:
@@ -229,9 +224,7 @@ def events(demo: gr.Blocks, session: Session, settings: Form, out: Page, initial
 
     def from_url(request: gr.Request) -> tuple:
         params = dict(request.query_params) if request is not None else {}
-        state = Settings.from_link(params, catalog.names(), initial["model"])
-        if "model" in state and "batch" not in state:
-            state["batch"] = batch_for_model(catalog, state["model"], initial["batch"])
+        state = session.from_link(params, initial)
         updates = (gr.update(value=state[k]) if k in state else gr.update() for k in Settings.names())
         opened = first is not None and all(initial[k] == v for k, v in state.items())  # the warm-up's run
         shows = outputs(first) if opened else (gr.update(),) * len(results)
@@ -262,15 +255,7 @@ def events(demo: gr.Blocks, session: Session, settings: Form, out: Page, initial
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True) -> str:
     """Start the server (loopback by default) and return its URL."""
-    options = {
-        "ssr_mode": False,
-        "show_error": True,
-        "theme": THEME,
-        "css": CSS,
-        "js": JS,
-        "prevent_thread_lock": not block,
-    }
-    return demo.launch(server_name=host, server_port=port, **options)[1]
+    return demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, **PAGE)[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -473,3 +473,15 @@ def test_a_one_step_runs_reference_integrates_the_whole_ode():
     )
     assert one.comparison.vanilla.final_err_ref > 0.1
     assert torch.allclose(one.comparison.reference[-1], five.comparison.reference[-1], atol=1e-5)
+
+
+def test_the_particle_figure_draws_non_finite_particles_on_either_panel():
+    """A run whose particles turned non-finite, vanilla's (the first panel) or Stein's, is drawn and labelled
+    (the first panel's annotation once named an axis plotly does not have, "x1", and the request failed)."""
+    catalog = ModelCatalog()
+    result = run_experiment(Settings.from_values(**{**GOOD, "lipschitz": False}).experiment(catalog), catalog)
+    for run in result.runs().values():
+        run.states[-1][:3] = math.nan
+    figure = particles_figure(result, len(result.comparison.sigmas) - 1)
+    notes = {(a.text, a.xref) for a in figure.layout.annotations if "non-finite" in a.text}
+    assert notes == {("3 particles non-finite", "x domain"), ("3 particles non-finite", "x2 domain")}

@@ -1,4 +1,20 @@
 () => {
+  // The URL state: the run's settings as it starts, the shown step once its views have landed.
+  window.steindiffLink = {
+    settings(keys, values) {
+      const query = new URLSearchParams();
+      keys.forEach((key, i) => query.set(key, String(values[i])));
+      window.history.replaceState(null, "", "?" + query.toString());
+      return values;
+    },
+    step(k) {
+      const query = new URLSearchParams(window.location.search);
+      query.set("step", String(k));
+      window.history.replaceState(null, "", "?" + query.toString());
+      return k;
+    },
+  };
+
   // Plotly writes each clip-path as url('<page URL>#id') when the page has a <base> element (gradio's has), and
   // the page's URL changes with every run and step (the URL state): a figure drawn before a change would lose
   // its clipping, and a 2-D run's trajectories would spill across the other panel. Point them at the URL the

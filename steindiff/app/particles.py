@@ -61,8 +61,8 @@ def particles_figure(result: ExperimentResult, step: int, trajectories: int = 24
                     "text": f"{lost} particles non-finite",
                     "x": 0.5,
                     "y": 1.0,
-                    "xref": f"x{col} domain",
-                    "yref": f"y{col} domain",
+                    "xref": f"x{axis_key(col)} domain",
+                    "yref": f"y{axis_key(col)} domain",
                     "showarrow": False,
                     "font": {"color": "red"},
                 }

@@ -41,6 +41,14 @@ class Session:
         defaults = Settings.defaults()
         return {**defaults, "model": model, "batch": batch_for_model(self.catalog, model, defaults["batch"])}
 
+    def from_link(self, params: dict[str, str], initial: dict[str, Any]) -> dict[str, Any]:
+        """The settings a link's query names (:meth:`Settings.from_link`); a link that names a model and no batch
+        gets the model's batch, as choosing it in the form does."""
+        state = Settings.from_link(params, self.catalog.names(), initial["model"])
+        if "model" in state and "batch" not in state:
+            state["batch"] = batch_for_model(self.catalog, state["model"], initial["batch"])
+        return state
+
     def run(
         self, values: dict[str, Any], linked: int | None = None, progress: Callable[[float, str], None] | None = None
     ) -> Outcome:
