@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import math
+import re
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -485,3 +486,9 @@ def test_the_particle_figure_draws_non_finite_particles_on_either_panel():
     figure = particles_figure(result, len(result.comparison.sigmas) - 1)
     notes = {(a.text, a.xref) for a in figure.layout.annotations if "non-finite" in a.text}
     assert notes == {("3 particles non-finite", "x domain"), ("3 particles non-finite", "x2 domain")}
+
+
+def test_the_in_app_explanation_is_short_and_quotes_no_measurement():
+    """At most 250 words, and no measured figure (a decimal, or a number of two digits or more)."""
+    assert len(app.EXPLANATION.split()) <= 250
+    assert not re.search(r"\d\.\d|\d{2,}", app.EXPLANATION), re.findall(r"\S*\d\S*", app.EXPLANATION)

@@ -6,6 +6,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from steindiff.app.presets import PRESETS
 from steindiff.app.settings import Settings
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -232,6 +233,32 @@ def test_the_first_screen_shows_a_run_and_a_run_brings_the_diagnostics_into_reac
     _clear_of_the_run_button(page)
     assert errors == [], errors
     assert outside == [], outside
+
+
+@pytest.mark.slow
+def test_each_preset_runs_in_the_page_and_its_picture_goes_to_the_lesson(warm_server, page):
+    """Choose each preset as a user would, read its claim, run it, and keep the page as docs/lesson.md shows it."""
+    errors, outside = _watch(page)
+    page.set_viewport_size({"width": 1366, "height": 1100})
+    page.goto(warm_server)
+    page.wait_for_selector("td:text-is('stein')", timeout=30_000)
+    for name, preset in PRESETS.items():
+        _choose(page, "Lesson presets", name)
+        sync_api.expect(page.locator("#claim")).to_contain_text(preset.claim[:40])
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.wait_for_selector(".progress-text", timeout=10_000)  # under way
+        page.wait_for_function("!document.querySelector('.progress-text')", timeout=180_000)  # and done
+        sync_api.expect(page.locator("#summary")).to_contain_text(f"NFE {preset.settings['nfe']} (")
+        page.wait_for_timeout(500)  # the figures' last redraw
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(SCREENSHOT.parent / f"preset-{_slug(name)}.png"), full_page=True)
+    assert errors == [], errors
+    assert outside == [], outside
+
+
+def _slug(name: str) -> str:
+    """A preset's name as a file name: lower case, words joined by hyphens."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 @pytest.mark.slow
