@@ -21,20 +21,12 @@ class Preset:
     settings: dict[str, Any]
 
 
+_HEUN = {"model": "mnist", "batch": 16, "seed": 0, "solver": "heun", "schedule": "karras", "nfe": 5, "stein_on": True}
 _RING = {"model": "gmm-ring", "batch": 2000, "seed": 0, "schedule": "karras", "stein_on": True}
 PRESETS: dict[str, Preset] = {
     "first lesson: 3-step Heun on mnist": Preset(
         "Three Heun steps leave the digits speckled; the safeguarded correction (sc-lookahead) halves FD-MNIST.",
-        {
-            "model": "mnist",
-            "batch": 16,
-            "seed": 0,
-            "solver": "heun",
-            "schedule": "karras",
-            "nfe": 5,
-            "stein_on": True,
-            "rule": "sc-lookahead",
-        },
+        {**_HEUN, "rule": "sc-lookahead"},
     ),
     "the trap: 4 NFE on the exact ring": Preset(
         "With 4 network evaluations DPM-Solver++(2M) grows an error several times more than the true flow does "
@@ -48,16 +40,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "Stein rescues 3-step Heun (literal rule, mnist)": Preset(
         "On the same 3-step Heun run the paper's literal rule cuts FD-MNIST by more than half.",
-        {
-            "model": "mnist",
-            "batch": 16,
-            "seed": 0,
-            "solver": "heun",
-            "schedule": "karras",
-            "nfe": 5,
-            "stein_on": True,
-            "rule": "stein",
-        },
+        {**_HEUN, "rule": "stein"},
     ),
     "the literal rule blows up": Preset(
         "At 10 network evaluations the paper's literal rule proposes gamma in the thousands and throws the "

@@ -15,14 +15,13 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from steindiff.correction.divergence import PROBE_PRODUCTS, ProbeKind
 from steindiff.correction.rule import (
     CUSTOM_VARIANT,
     DEFAULT_VARIANT,
-    PROBE_PRODUCTS,
     STEIN_VARIANTS,
     Coords,
     GammaVariant,
-    ProbeKind,
     stein_config,
 )
 from steindiff.denoisers import ASSETS, DEFAULT_IMAGE_MODEL, ModelKind
