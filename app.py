@@ -25,7 +25,7 @@ import gradio as gr
 
 from steindiff.app.compute_thread import on_compute_thread
 from steindiff.app.presets import PRESETS
-from steindiff.app.session import Outcome, Session
+from steindiff.app.session import Outcome, Session, refusal
 from steindiff.app.settings import (
     CUSTOM_RULE,
     Control,
@@ -42,8 +42,9 @@ HERE = Path(__file__).resolve().parent / "steindiff" / "app"
 EXPLANATION, CSS, JS = ((HERE / name).read_text() for name in ("explanation.md", "style.css", "page.js"))
 #: system fonts only: the default theme would fetch web fonts from outside the machine
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-#: how the page looks and behaves: server-side rendering off (no Node process), errors shown, our theme and files
-PAGE: dict[str, Any] = {"ssr_mode": False, "show_error": True, "theme": THEME, "css": CSS, "js": JS}
+#: how the page looks and behaves: server-side rendering off (no Node process), errors shown, our theme and files;
+#: the page takes no upload, so gradio's upload route takes 1 MB at most
+PAGE = {"ssr_mode": False, "show_error": True, "theme": THEME, "css": CSS, "js": JS, "max_file_size": "1mb"}
 #: the run's image views: PNG, and no "share" button (gradio's posts to Hugging Face Spaces discussions)
 IMAGE_VIEW: dict[str, Any] = {"format": "png", "buttons": ["download", "fullscreen"], "elem_classes": ["run-image"]}
 #: seconds gradio's queue sleeps between looks for a new request. Gradio's own 1 ms (no public setting) kept a
@@ -53,8 +54,7 @@ QUEUE_POLL_S = 0.01
 
 def run_endpoint(fn: Callable[[dict[str, Any], int | None, gr.Progress], tuple]) -> Callable[..., tuple]:
     """``fn(settings, linked, progress)`` as gradio's /run: one keyword parameter a setting (gradio names the
-    API's parameters from the signature), then the page's linked step (a state, not in the API) and gradio's
-    progress tracker."""
+    API's parameters from the signature), then the page's linked step (a state) and gradio's progress."""
     keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
     parameters = [
         *Settings.parameters(),
@@ -65,9 +65,8 @@ def run_endpoint(fn: Callable[[dict[str, Any], int | None, gr.Progress], tuple])
 
     def endpoint(*args: Any, **kwargs: Any) -> tuple:
         """Run vanilla and (optionally) Stein from the same noise; returns every view and a summary."""
-        settings = signature.bind(*args, **kwargs)
-        settings.apply_defaults()
-        values = dict(settings.arguments)
+        (bound := signature.bind(*args, **kwargs)).apply_defaults()
+        values = dict(bound.arguments)
         return fn(values, values.pop("linked"), values.pop("progress"))
 
     endpoint.__signature__ = signature  # type: ignore[attr-defined]
@@ -102,7 +101,7 @@ def _control(control: Control, value: Any, choices: list[str] | None, **common: 
     """The component that shows one setting."""
     common |= {"label": control.label, "value": value, "visible": control.group != "custom"}  # custom: with its rule
     if control.widget == "dropdown":
-        return gr.Dropdown(choices or list(control.choices or ()), **common)
+        return gr.Dropdown(choices or list(control.choices or ()), allow_custom_value=True, **common)  # we refuse
     if control.widget == "radio":
         return gr.Radio(list(control.choices or ()), **common)
     if control.widget == "checkbox":
@@ -202,8 +201,9 @@ def events(demo: gr.Blocks, session: Session, settings: Form, out: Page, initial
         """The run and its views, on the one thread that does the server's torch work."""
         try:
             done = session.run(values, linked, lambda fraction, text: progress(fraction, desc=text))
-        except (ValueError, TypeError) as err:  # WeightsError among them
-            raise gr.Error(str(err)) from None
+        except (ValueError, TypeError) as err:  # WeightsError among them; one line, cut, to the client and the log
+            print(f"app.py: refused: {refusal(err)}", file=sys.stderr, flush=True)
+            raise gr.Error(refusal(err), print_exception=False) from None
         return (*outputs(done), None)
 
     def scrub(last: Shown | None, step: float) -> tuple:

@@ -492,3 +492,39 @@ def test_the_in_app_explanation_is_short_and_quotes_no_measurement():
     """At most 250 words, and no measured figure (a decimal, or a number of two digits or more)."""
     assert len(app.EXPLANATION.split()) <= 250
     assert not re.search(r"\d\.\d|\d{2,}", app.EXPLANATION), re.findall(r"\S*\d\S*", app.EXPLANATION)
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"stein_on": "abc"}, "stein_on must be true or false, got 'abc'"),
+        ({"lipschitz": 1}, "lipschitz must be true or false"),
+        ({"batch": math.inf}, "batch must be a finite number, got inf"),
+        ({"seed": 2.5}, "seed must be a whole number"),
+        ({"nfe": "5"}, "nfe must be a finite number"),
+    ],
+)
+def test_settings_take_booleans_and_finite_numbers_only(changes, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        Settings.from_values(**{**GOOD, **changes})
+
+
+def test_a_refusal_is_one_short_line_to_the_client_and_the_log(server, capfd):
+    """A 1 MB model name is refused with a message of at most 200 characters, logged as one line with no
+    traceback; the server keeps serving."""
+    client = Client(server, verbose=False)
+    with pytest.raises(Exception) as refused:
+        _call(client, model="x" * 1_000_000)
+    assert "unknown model" in str(refused.value) and len(str(refused.value)) < 300
+    log = capfd.readouterr().err
+    lines = [line for line in log.splitlines() if "refused" in line]
+    assert lines and all(len(line) <= 230 for line in lines) and "Traceback" not in log
+    assert _call(client, lipschitz=False)[10]["vanilla"]["nfe_total"] == 5
+
+
+def test_the_upload_route_takes_no_more_than_a_megabyte(server):
+    import httpx
+
+    big = httpx.post(f"{server}gradio_api/upload", files={"files": ("big.bin", b"0" * 2_000_000)})
+    small = httpx.post(f"{server}gradio_api/upload", files={"files": ("small.bin", b"0" * 1000)})
+    assert big.status_code == 413 and small.status_code == 200, (big.status_code, small.text[:200])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +17,10 @@ from steindiff.app.summary import summary_markdown
 from steindiff.app.views import Shown, Views, page_summary, render
 from steindiff.experiment import ModelCatalog, run_experiment
 
-__all__ = ["Outcome", "Session"]
+__all__ = ["ECHO_LIMIT", "Outcome", "Session", "refusal"]
+
+#: the most characters of a refused request's message sent back and logged (a value it quotes can be huge)
+ECHO_LIMIT = 200
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Session:
     def __init__(self, catalog: ModelCatalog):
         self.catalog = catalog
         self.downloads = Path(tempfile.mkdtemp(prefix="steindiff-downloads-"))
+        atexit.register(shutil.rmtree, self.downloads, ignore_errors=True)  # the runs' zips go with the server
 
     def initial(self, model: str) -> dict[str, Any]:
         """The form's first settings on ``model``: /run's defaults, at the batch the form offers for the model."""
@@ -73,3 +79,9 @@ class Session:
             page_summary(result),
             write_download(result, self.downloads),
         )
+
+
+def refusal(err: Exception) -> str:
+    """A refused request's message in one line of at most :data:`ECHO_LIMIT` characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= ECHO_LIMIT else text[: ECHO_LIMIT - 1] + "…"

@@ -179,11 +179,15 @@ class Settings:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         merged = {**cls.defaults(), **values}
         for name, control in cls.controls().items():
+            value = merged[name]
+            if control.widget == "checkbox":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{name} must be true or false, got {value!r}")
+                continue
             if control.widget not in ("number", "slider"):
                 continue
-            value = merged[name]
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                raise ValueError(f"{name} must be a number, got {value}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
             if control.whole:
                 if float(value) != int(value):
                     raise ValueError(f"{name} must be a whole number, got {value}")
