@@ -332,8 +332,9 @@ def print_summary(out: dict) -> None:
             )
     for name in runs:
         final = out[name]["final"]
+        fd = f" FD-MNIST={_fmt(final['fd_mnist'])}" if "fd_mnist" in final else ""
         print(
-            f"{name}: nfe_total={out[name]['nfe_total']} final err_ref={_fmt(final['err_ref'])} "
+            f"{name}: nfe_total={out[name]['nfe_total']} final err_ref={_fmt(final['err_ref'])}{fd} "
             f"non-finite samples={final['nonfinite_samples']}"
         )
 

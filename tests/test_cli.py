@@ -118,7 +118,7 @@ def test_bad_input_exits_nonzero_with_one_line(extra, needle, capsys):
     assert needle in err
 
 
-def test_mnist_grid_and_digit_scores(tmp_path):
+def test_mnist_grid_and_digit_scores(tmp_path, capsys):
     out, grid = tmp_path / "mnist.json", tmp_path / "grid.png"
     args = [
         "sample",
@@ -147,10 +147,12 @@ def test_mnist_grid_and_digit_scores(tmp_path):
         str(out),
     ]
     assert main(args) == 0
+    printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["config"]["stein"]["products"] == "fd"
     for run in ("vanilla", "stein"):
         assert data[run]["final"]["fd_mnist"] > 0 and "confidence" not in data[run]["final"]
+        assert f"FD-MNIST={data[run]['final']['fd_mnist']:.4g}" in printed  # on the console too
         assert sum(data[run]["final"]["classes"]) == 8
     from PIL import Image
 
