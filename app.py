@@ -288,10 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         catalog = ModelCatalog.from_args(args.model, half=args.half)
-    except ValueError as err:
-        raise SystemExit(f"app.py: {err}") from None
-    for name in [*catalog.extra, *catalog.diffusers_models]:
-        on_compute_thread(catalog.get, name, model_device(catalog, name))  # fail at start-up, not at the first request
+        for name in [*catalog.extra, *catalog.diffusers_models]:  # fail at start-up, not at the first request
+            on_compute_thread(catalog.get, name, model_device(catalog, name))
+    except ValueError as err:  # WeightsError among them: one line naming the file, exit 2 as argparse's errors
+        print(f"app.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     launch(make_app(catalog, warm_up=args.warm_up), args.host, args.port)
 
 

@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from steindiff.denoisers.empirical import load_mnist
 from steindiff.denoisers.gmm import GMM_PRESETS, gmm_preset
 from steindiff.denoisers.networks import MLP, MLPConfig, PreconditionedDenoiser, UNet, UNetConfig
-from steindiff.denoisers.weights import save_denoiser
+from steindiff.denoisers.weights import FLOAT_DTYPES, WeightsError, save_denoiser
 
 __all__ = ["TrainConfig", "build_trainee", "train"]
 
@@ -81,16 +82,58 @@ def _checkpoint_tensors(denoiser, ema, optimizer, gen) -> dict[str, torch.Tensor
 
 
 def _restore(path: Path, denoiser, ema, optimizer, gen) -> None:
-    tensors = load_file(str(path))
-    denoiser.network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    state = optimizer.state_dict()
-    for i in state["param_groups"][0]["params"]:
-        entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-        if entries:
-            state["state"][i] = entries
-    optimizer.load_state_dict(state)
-    gen.set_state(tensors["rng"])
+    """Load a checkpoint written by :func:`_checkpoint_tensors` into the run's objects; every tensor's name,
+    shape and dtype is checked against them before any is read. Raises WeightsError naming ``path``."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: not found (resuming needs the checkpoint beside checkpoint.json)")
+    expected = {f"model.{k}": v for k, v in denoiser.network.state_dict().items()}
+    expected.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    params = dict(enumerate(denoiser.network.parameters()))
+    rng = gen.get_state()
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            optional = {k for k in keys if _optimizer_entry(k, params) is not None}
+            missing, unexpected = sorted({*expected, "rng"} - keys), sorted(keys - {*expected, "rng"} - optional)
+            if missing or unexpected:
+                raise WeightsError(
+                    f"{path}: not a checkpoint of this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+            shapes = {k: tuple(v.shape) for k, v in expected.items()}
+            shapes.update({k: _optimizer_entry(k, params) for k in optional})
+            for key in sorted(keys):
+                view = handle.get_slice(key)
+                shape, dtype = tuple(view.get_shape()), view.get_dtype()
+                want, dtypes = (tuple(rng.shape), ("U8",)) if key == "rng" else (shapes[key], FLOAT_DTYPES)
+                if shape != want or dtype not in dtypes:
+                    raise WeightsError(
+                        f"{path}: tensor {key!r} is {dtype} {shape}, expected {' or '.join(dtypes)} {want}"
+                    )
+            # copies: views of the file's memory map would fault when the next checkpoint rewrites it
+            tensors = {key: handle.get_tensor(key).clone() for key in keys}
+        denoiser.network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        state = optimizer.state_dict()
+        for i in state["param_groups"][0]["params"]:
+            entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+            if entries:
+                state["state"][i] = entries
+        optimizer.load_state_dict(state)
+        gen.set_state(tensors["rng"])
+    except (SafetensorError, OSError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt?): {reason}") from None
+
+
+def _optimizer_entry(key: str, params: dict[int, torch.Tensor]) -> tuple[int, ...] | None:
+    """The shape of the Adam state tensor ``opt.<i>.<name>``, or None for a key of no such form."""
+    prefix, _, rest = key.partition(".")
+    index, _, name = rest.partition(".")
+    if prefix != "opt" or not index.isdigit() or int(index) not in params:
+        return None
+    if name == "step":
+        return ()
+    return tuple(params[int(index)].shape) if name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") else None
 
 
 def train(
@@ -107,7 +150,7 @@ def train(
     start, elapsed = 0, 0.0
     meta_path, ckpt_path, log_path = out / "checkpoint.json", out / "checkpoint.safetensors", out / "loss.jsonl"
     if resume and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        meta = _checkpoint_record(meta_path)
         if meta["model"] != model or {**meta["config"], "steps": config.steps} != asdict(config):
             raise ValueError(f"{meta_path}: the checkpoint was made with other settings; start a new --out")
         _restore(ckpt_path, denoiser, ema, optimizer, gen)
@@ -164,6 +207,18 @@ def train(
     if export is not None:
         save_denoiser(trained.cpu(), export)
     return trained.eval()
+
+
+def _checkpoint_record(path: Path) -> dict:
+    """checkpoint.json: the model, settings, step and time of the checkpoint; WeightsError names a broken one."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise WeightsError(f"{path}: not a readable checkpoint record ({err})") from None
+    fields = {"model": str, "config": dict, "step": int, "elapsed_s": (int, float)}
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in fields.items()):
+        raise WeightsError(f"{path}: not a checkpoint record (expected {', '.join(fields)})")
+    return meta
 
 
 def _last_loss(log_path: Path) -> float | None:

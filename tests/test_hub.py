@@ -1,7 +1,11 @@
 """diffusers models as denoisers, offline: tiny random pipelines made, saved and reloaded here."""
 
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +267,70 @@ def test_app_serves_a_pipeline_from_its_command_line_only(latent_folder):
         assert client.predict(**settings, api_name="/run")[10]["vanilla"]["nfe_total"] == 3
     finally:
         demo.close()
+
+
+def _rewrite_unet(folder: Path, change) -> Path:
+    """The folder's UNet weights passed through ``change`` (a dict of tensors to a dict of tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = {k: v.clone() for k, v in load_file(str(weights)).items()}
+    save_file(change(tensors), str(weights))
+    return weights
+
+
+def _refused_in_one_line(folder, pattern) -> str:
+    with pytest.raises(WeightsError, match=pattern) as info:
+        load_diffusers(str(folder))
+    assert "\n" not in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_naming_the_file(pixel_folder, tmp_path):
+    """diffusers would initialise what is missing at random and only warn; every sample came out non-finite."""
+    renamed = tmp_path / "renamed"
+    shutil.copytree(pixel_folder, renamed)
+    weights = _rewrite_unet(
+        renamed, lambda t: {("spare.weight" if k == "conv_in.weight" else k): v for k, v in t.items()}
+    )
+    _refused_in_one_line(
+        renamed, f"{weights}: the weights do not fit unet/config.json: 1 missing .*conv_in.weight.*, 1 unexpected"
+    )
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(pixel_folder, reshaped)
+    weights = _rewrite_unet(reshaped, lambda t: {**t, "conv_in.weight": t["conv_in.weight"].flatten()})
+    _refused_in_one_line(reshaped, f"{weights}: could not load the unet .*size mismatch")
+    foreign = tmp_path / "foreign"
+    shutil.copytree(pixel_folder, foreign)
+    weights = _rewrite_unet(foreign, lambda t: {"foo.weight": torch.zeros(3)})
+    _refused_in_one_line(foreign, f"{weights}: holds 3 numbers, but unet/config.json describes a UNet2DModel of")
+
+
+def test_a_broken_index_or_scheduler_is_named(pixel_folder, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(pixel_folder, broken)
+    (broken / "model_index.json").write_text('{"unet": ["diffusers", ')
+    _refused_in_one_line(broken, r"model_index\.json: not valid JSON")
+    (broken / "model_index.json").write_text((pixel_folder / "model_index.json").read_text())
+    config = broken / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"epsilon"', '"x0"'))
+    _refused_in_one_line(broken, r"scheduler_config\.json: unsupported prediction_type 'x0'")
+    config.write_text(config.read_text().replace('"linear"', '"cubic"').replace('"x0"', '"epsilon"'))
+    _refused_in_one_line(broken, r"scheduler_config\.json: the scheduler does not build")
+    shutil.rmtree(broken / "scheduler")
+    _refused_in_one_line(broken, r"scheduler.scheduler_config\.json: not found")
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_mismatched_weights_in_one_line(pixel_folder, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pixel_folder, bad)
+    weights = _rewrite_unet(bad, lambda t: {k.replace("conv_out", "conv_last"): v for k, v in t.items()})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "steindiff", "sample", "--model", f"diffusers:{bad}", "--nfe", "2", "--batch", "2"]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env, cwd=root)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"steindiff: error: {weights}: the weights do not fit"), lines
+    assert done.stdout == ""

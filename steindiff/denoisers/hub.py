@@ -17,14 +17,21 @@ Latent models (an autoencoder beside the UNet, as in LDMPipeline) are sampled in
 :meth:`HubDenoiser.decode` turns latents into images for display. Divergences and Lipschitz
 constants are then those of the latent sampler.
 
-Weights load with ``use_safetensors=True`` only: a component with only pickled weights is refused.
+Weights load with ``use_safetensors=True`` only: a component with only pickled weights is refused. A
+component whose weights do not fit its config.json is refused too, in one line naming the file: before the
+load, when its safetensors headers hold fewer numbers than the architecture (built on the meta device)
+needs, so a config cannot make the loader allocate more than the weights' size; after it, when diffusers
+reports missing, unexpected or mismatched keys (it would otherwise initialise them at random and only warn).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +47,10 @@ DIFFUSERS_PREFIX = "diffusers:"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 LATENT_COMPONENTS = ("vqvae", "vae")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+#: the file diffusers loads a component's weights from (or, sharded, the index beside the shards)
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+#: the discrete schedules a scheduler config may describe: timesteps in this range
+MAX_TIMESTEPS = 100_000
 
 
 class HubDenoiser(Denoiser):
@@ -103,6 +114,8 @@ class _Layout:
 
     folder: Path
     autoencoder: str | None
+    #: per model component: how many numbers its safetensors headers hold
+    held: dict[str, int]
 
 
 def resolve_folder(spec: str) -> Path:
@@ -132,8 +145,24 @@ def resolve_folder(spec: str) -> Path:
         ) from None
 
 
-def _check_component(folder: Path, component: str) -> None:
-    """The component's folder exists and holds readable safetensors weights (never pickles)."""
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (diffusers' span several), shortened to ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _weights_file(part: Path) -> Path:
+    """The file diffusers loads ``part``'s weights from: the one a message about them names."""
+    for name in (WEIGHTS_NAME, WEIGHTS_NAME + ".index.json"):
+        if (part / name).is_file():
+            return part / name
+    files = sorted(part.glob("*.safetensors"))
+    return files[0] if len(files) == 1 else part
+
+
+def _check_component(folder: Path, component: str) -> int:
+    """The component's folder exists and holds readable safetensors weights (never pickles); returns how
+    many numbers its safetensors headers hold (read from the headers, no tensor is loaded)."""
     part = folder / component
     if not (part / "config.json").is_file():
         raise WeightsError(f"{part}: missing config.json (is {folder} a diffusers pipeline folder?)")
@@ -148,27 +177,116 @@ def _check_component(folder: Path, component: str) -> None:
         )
     from safetensors import SafetensorError, safe_open
 
+    numbers = 0
     for file in tensors:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 (safe_open handles have no __iter__)
-                    handle.get_slice(key)
+                    numbers += math.prod(handle.get_slice(key).get_shape())
         except (SafetensorError, OSError, ValueError) as err:
-            raise WeightsError(f"{file}: not a readable safetensors file ({err})") from None
+            raise WeightsError(f"{file}: not a readable safetensors file ({_one_line(err)})") from None
+    return numbers
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; WeightsError names a missing, unreadable or broken file."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: not found; expected {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise WeightsError(f"{path}: not valid JSON ({_one_line(err)}); expected {what}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: not a JSON object; expected {what}")
+    return data
 
 
 def _layout(folder: Path) -> _Layout:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise WeightsError(f"{folder}: no model_index.json; expected a saved diffusers pipeline folder")
-    index = json.loads(index_file.read_text())
+    index = _read_json(index_file, "a saved diffusers pipeline's model index")
     for component in ("unet", "scheduler"):
         if component not in index:
             raise WeightsError(f"{index_file}: the pipeline has no {component!r} component")
     autoencoder = next((c for c in LATENT_COMPONENTS if c in index), None)
-    for component in ("unet", *([autoencoder] if autoencoder else [])):
-        _check_component(folder, component)
-    return _Layout(folder, autoencoder)
+    components = ("unet", *([autoencoder] if autoencoder else []))
+    held = {component: _check_component(folder, component) for component in components}
+    _read_json(folder / "scheduler" / "scheduler_config.json", "the pipeline's scheduler config")
+    return _Layout(folder, autoencoder, held)
+
+
+@contextmanager
+def _quiet(diffusers) -> Iterator[None]:
+    """diffusers' log at errors only: a refused load says why in one line, not among its warnings."""
+    logging = diffusers.utils.logging
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+
+
+def _scheduler(diffusers, folder: Path) -> tuple[torch.Tensor, str]:
+    """The discrete schedule's cumulative alphas and the prediction type, checked; WeightsError names the file."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        config = diffusers.DDPMScheduler.load_config(folder, subfolder="scheduler")
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a readable scheduler config ({_one_line(err)})") from None
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise WeightsError(f"{path}: unsupported prediction_type {prediction!r} (epsilon, v_prediction or sample)")
+    steps = config.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= MAX_TIMESTEPS:
+        raise WeightsError(f"{path}: num_train_timesteps must be an integer in [2, {MAX_TIMESTEPS}], got {steps!r}")
+    try:
+        abar = diffusers.DDPMScheduler.from_config(config).alphas_cumprod.to(torch.float64)
+    except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError) as err:
+        raise WeightsError(f"{path}: the scheduler does not build ({_one_line(err)})") from None
+    sigmas = ((1 - abar) / abar).sqrt()
+    if not (bool(torch.isfinite(sigmas).all()) and bool((sigmas > 0).all()) and bool((sigmas.diff() > 0).all())):
+        raise WeightsError(f"{path}: the schedule's noise levels are not finite, positive and increasing")
+    return abar, prediction
+
+
+def _load_component(diffusers, model_cls, layout: _Layout, component: str, dtype: torch.dtype) -> nn.Module:
+    """``model_cls`` from ``folder/component``, refused (one line naming the file) unless its weights fill
+    exactly the architecture of its config.json; a config asking for more numbers than the weights hold is
+    refused before anything is allocated (the architecture is built on the meta device)."""
+    folder = layout.folder
+    part = folder / component
+    weights = _weights_file(part)
+    try:
+        config = model_cls.load_config(folder, subfolder=component)
+        with torch.device("meta"):
+            needed = sum(t.numel() for t in model_cls.from_config(config).state_dict().values())
+    except (OSError, ValueError, TypeError, KeyError, NotImplementedError, RuntimeError) as err:
+        raise WeightsError(f"{part / 'config.json'}: not a {model_cls.__name__} config ({_one_line(err)})") from None
+    held = layout.held[component]
+    if held < needed:
+        raise WeightsError(
+            f"{weights}: holds {held:,} numbers, but {component}/config.json describes a {model_cls.__name__} "
+            f"of {needed:,}: the weights do not fit the architecture"
+        )
+    load = {"use_safetensors": True, "torch_dtype": dtype, "output_loading_info": True}
+    try:
+        model, info = model_cls.from_pretrained(folder, subfolder=component, **load)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise WeightsError(f"{weights}: could not load the {component} ({_one_line(err)})") from None
+    problems = [
+        f"{len(info[kind])} {word} (e.g. {sorted(str(k) for k in info[kind])[:2]})"
+        for kind, word in (
+            ("missing_keys", "missing"),
+            ("unexpected_keys", "unexpected"),
+            ("mismatched_keys", "mismatched"),
+        )
+        if info.get(kind)
+    ]
+    if problems:  # diffusers would initialise the missing ones at random and only warn
+        raise WeightsError(f"{weights}: the weights do not fit {component}/config.json: {', '.join(problems)}")
+    return model
 
 
 def load_diffusers(spec: str, device: str = "cpu", half: bool = False) -> HubDenoiser:
@@ -185,19 +303,14 @@ def load_diffusers(spec: str, device: str = "cpu", half: bool = False) -> HubDen
     if half and not device.startswith("cuda"):
         raise ValueError("half precision is for CUDA devices only")
     layout = _layout(resolve_folder(spec))
-    config = diffusers.DDPMScheduler.load_config(layout.folder, subfolder="scheduler")
-    scheduler = diffusers.DDPMScheduler.from_config(config)
-    prediction = config.get("prediction_type", "epsilon")
     dtype = torch.float16 if half else torch.float32
-    load = {"use_safetensors": True, "torch_dtype": dtype}
-    try:
-        unet = diffusers.UNet2DModel.from_pretrained(layout.folder, subfolder="unet", **load)
+    with _quiet(diffusers):
+        alphas_cumprod, prediction = _scheduler(diffusers, layout.folder)
+        unet = _load_component(diffusers, diffusers.UNet2DModel, layout, "unet", dtype)
         autoencoder = None
         if layout.autoencoder is not None:
             model_cls = diffusers.VQModel if layout.autoencoder == "vqvae" else diffusers.AutoencoderKL
-            autoencoder = model_cls.from_pretrained(layout.folder, subfolder=layout.autoencoder, **load)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise WeightsError(f"{layout.folder}: could not load the pipeline's models ({err})") from None
+            autoencoder = _load_component(diffusers, model_cls, layout, layout.autoencoder, dtype)
     # plain (math) attention: PyTorch's fused CPU attention has neither a double backward nor forward-mode AD
     for module in unet.modules():
         if isinstance(module, Attention):
@@ -210,7 +323,7 @@ def load_diffusers(spec: str, device: str = "cpu", half: bool = False) -> HubDen
         autoencoder = autoencoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
     denoiser = HubDenoiser(
         unet.eval().requires_grad_(False),
-        scheduler.alphas_cumprod,
+        alphas_cumprod,
         prediction,
         (unet.config.in_channels, *size),
         name=DIFFUSERS_PREFIX + spec,
