@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr
 
 from steindiff.app.compute_thread import on_compute_thread
+from steindiff.app.panels import CAPTION
 from steindiff.app.presets import PRESETS
 from steindiff.app.session import Outcome, Session, refusal
 from steindiff.app.settings import (
@@ -42,8 +43,7 @@ HERE = Path(__file__).resolve().parent / "steindiff" / "app"
 EXPLANATION, CSS, JS = ((HERE / name).read_text() for name in ("explanation.md", "style.css", "page.js"))
 #: system fonts only: the default theme would fetch web fonts from outside the machine
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-#: how the page looks and behaves: server-side rendering off (no Node process), errors shown, our theme and files;
-#: the page takes no upload, so gradio's upload route takes 1 MB at most
+#: server-side rendering off (no Node process), errors shown, our look; no upload field, so uploads of 1 MB at most
 PAGE = {"ssr_mode": False, "show_error": True, "theme": THEME, "css": CSS, "js": JS, "max_file_size": "1mb"}
 #: the run's image views: PNG, and no "share" button (gradio's posts to Hugging Face Spaces discussions)
 IMAGE_VIEW: dict[str, Any] = {"format": "png", "buttons": ["download", "fullscreen"], "elem_classes": ["run-image"]}
@@ -146,6 +146,7 @@ def page() -> Page:
             views["vanilla_x0"] = gr.Image(label="vanilla: predicted x0", **IMAGE_VIEW)
             views["stein_x0"] = gr.Image(label="Stein: predicted x0", **IMAGE_VIEW)
     views["particles"] = gr.Plot(label="particles", visible=False, elem_classes=["run-plot"])
+    gr.Markdown(CAPTION)
     views["diagnostics"] = gr.Plot(label="per-step diagnostics", elem_classes=["run-plot"], elem_id="diagnostics")
     with gr.Accordion("run summary (JSON)", open=False):
         summary_json = gr.JSON(label="run summary")

@@ -52,7 +52,7 @@ def test_settings_validate_like_the_server():
     experiment.check(catalog, LIMITS)
     assert experiment.stein.gamma_max == math.inf and experiment.nfe == 5
     for bad, match in [
-        ({"nfe": float("nan")}, "nfe must be a number"),
+        ({"nfe": float("nan")}, "nfe must be a finite number"),
         ({"batch": 2.5}, "whole number"),
         ({"gamma_min": 2.0, "literal": False, "gamma_max": 1.0}, "must not exceed"),
         ({"rule": "magic"}, "unknown rule"),
@@ -351,7 +351,7 @@ def test_nan_sent_as_raw_json_is_refused_by_the_server(server):
         f"{server}gradio_api/call/run", content=body, headers={"content-type": "application/json"}
     ).json()["event_id"]
     stream = httpx.get(f"{server}gradio_api/call/run/{event}", timeout=60).text
-    assert "event: error" in stream and "gamma_min must be a number" in stream
+    assert "event: error" in stream and "gamma_min must be a finite number, got nan" in stream
     assert _call(Client(server, verbose=False), batch=16, lipschitz=False)[10]["vanilla"]["nfe_total"] == 5
 
 

@@ -97,7 +97,7 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     _choose(page, "model", "gmm-ring")
     sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("gmm-ring")
     sync_api.expect(batch).to_have_value("12")  # a batch the user set stays
-    _choose(page, "Lesson presets", "Stein rescues 3-step Heun (mnist, 5 NFE)")
+    _choose(page, "Lesson presets", "Stein rescues 3-step Heun (literal rule, mnist)")
     sync_api.expect(page.get_by_label("solver", exact=True)).to_have_value("heun")  # the preset has landed
     sync_api.expect(page.get_by_label("model", exact=True)).to_have_value("mnist")
     rule_label = Settings.controls()["rule"].label
@@ -120,7 +120,7 @@ def test_preset_run_scrub_and_url_state_in_chromium(server, page):
     assert len(views) == 2, views  # x_k of both runs; the slider and the predicted x0 in their tabs
     assert all(view["image"] >= view["label"] for view in views), views  # no label covers a sample
     assert all(view["share"] == 0 for view in views), views  # nothing offers to post off the machine
-    assert "solver=heun" in page.url and "model=mnist" in page.url and "seed=3" in page.url and "batch=16" in page.url
+    assert all(f"{k}={v}" in page.url for k, v in {"solver": "heun", "model": "mnist", "seed": 0, "batch": 16}.items())
     label = page.locator("text=/step \\d+ of 3/").first
     assert "step 3 of 3" in label.inner_text()
     SCREENSHOT.parent.mkdir(exist_ok=True)  # the README's picture: the page as a first run leaves it

@@ -17,7 +17,7 @@ from steindiff.app.layout import COLORS, axis_key, hline, in_panel, log_ticks, s
 from steindiff.experiment import ExperimentResult
 from steindiff.records import RunResult
 
-__all__ = ["PANELS", "TRAP_COLOR", "Panel", "Series", "diagnostics_figure", "record_values"]
+__all__ = ["CAPTION", "PANELS", "TRAP_COLOR", "Panel", "Series", "diagnostics_figure", "record_values"]
 
 #: where a log axis draws values at or below zero (their true value is in the hover text)
 LOG_FLOOR = 1e-4
@@ -28,10 +28,10 @@ SYMLOG_LINEAR = 0.1
 Axis = Literal["log", "linear", "symlog"]
 #: how the legend names each run
 RUN_NAMES = {"vanilla": "vanilla solver", "stein": "Stein-corrected, same noise"}
-#: what the colours and the shading mean, above the panels
+#: what the colours and the shading mean (the page shows it above the figure, where it wraps with the window)
 CAPTION = (
-    "Shaded orange: the trap, where the solver grows an error more than the true flow does (top left), "
-    "and L > 1, where one step expands errors (top right)"
+    "Blue: the plain solver; red: Stein-corrected, from the same noise. Shaded orange: the trap, where the solver "
+    "grows an error more than the true flow does (top left), and L > 1, where one step expands errors (top right)."
 )
 
 
@@ -78,8 +78,8 @@ class Panel:
 _FLOW = {"runs": ("vanilla",), "mode": "lines", "color": "black", "legend": "label"}
 PANELS: tuple[Panel, ...] = (
     Panel(
-        "the trap: how much an error in x_k grows by the end",
-        "||dx_N / dx_k|| (ratio)",
+        "the trap: error growth",
+        "growth to x_N: ||dx_N / dx_k||",
         (
             Series("amplification_median", "amplification (median)", at="state"),
             Series("amplification_max", "amplification (max)", dash="dot", at="state"),
@@ -90,7 +90,7 @@ PANELS: tuple[Panel, ...] = (
         divergence=True,
     ),
     Panel(
-        "one step's Lipschitz constant L",
+        "one step's growth L",
         "||dx_k / dx_(k-1)|| (ratio)",
         (
             Series("lipschitz_max", "L (max)"),
@@ -104,7 +104,7 @@ PANELS: tuple[Panel, ...] = (
         band=True,
     ),
     Panel(
-        "the Stein coefficient gamma",
+        "Stein coefficient gamma",
         "gamma (symlog)",
         (
             Series("gamma_raw", "gamma raw", mode="markers", hollow=("vanilla",), legend="label"),
@@ -115,7 +115,7 @@ PANELS: tuple[Panel, ...] = (
         divergence=True,
     ),
     Panel(
-        "error to the reference ODE solution",
+        "error to the reference",
         "mean ||x_k - x_k_ref|| (data units)",
         (Series("err_ref", "error to reference"),),
         divergence=True,
@@ -282,12 +282,11 @@ def diagnostics_figure(result: ExperimentResult, step: int | None = None) -> go.
             }
         )
     layout.update(
-        title={"text": CAPTION, "font": {"size": 12}, "x": 0.01, "y": 0.995, "yanchor": "top"},
         shapes=shapes,
         annotations=[*layout["annotations"], *annotations],
         height=900,
         template="plotly_white",
-        margin={"l": 60, "r": 10, "t": 70, "b": 40},
+        margin={"l": 60, "r": 10, "t": 60, "b": 40},
         legend={"orientation": "h", "y": -0.08},
         hovermode="closest",
     )
