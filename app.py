@@ -203,8 +203,8 @@ def events(demo: gr.Blocks, session: Session, settings: Form, out: Page, initial
         try:
             done = session.run(values, linked, lambda fraction, text: progress(fraction, desc=text))
         except (ValueError, TypeError) as err:  # WeightsError among them; one line, cut, to the client and the log
-            print(f"app.py: refused: {refusal(err)}", file=sys.stderr, flush=True)
-            raise gr.Error(refusal(err), print_exception=False) from None
+            print(f"app.py: refused: {(message := refusal(err))}", file=sys.stderr, flush=True)
+            raise gr.Error(message, print_exception=False) from None
         return (*outputs(done), None)
 
     def scrub(last: Shown | None, step: float) -> tuple:
@@ -272,9 +272,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def warm(session: Session, settings: dict[str, Any]) -> Outcome | None:
-    """What a server's first request would pay for, paid before it serves: the run of the form's ``settings``
-    and its views, on the compute thread, and matplotlib's import (gradio sets its backend around every call).
-    A model that fails to load is reported and served anyway (None): its requests say why."""
+    """What a first request would pay, paid before serving: the form's run and views, on the compute thread, and
+    matplotlib's import (gradio sets its backend around every call). A model that fails to load: None, reported."""
     print(f"warming up: one run of the form's defaults on {settings['model']} (--no-warm-up skips it)", flush=True)
     with gr.utils.MatplotlibBackendMananger():  # gradio's own (sic), around each call; nothing when not installed
         pass
@@ -282,7 +281,7 @@ def warm(session: Session, settings: dict[str, Any]) -> Outcome | None:
         return on_compute_thread(session.run, settings)
     except ValueError as err:  # WeightsError among them
         print(f"app.py: the warm-up on {settings['model']} failed, serving anyway: {err}", file=sys.stderr, flush=True)
-        return None
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,10 +83,6 @@ def _setting(default: Any, control: Control) -> Any:
     return field(default=default, metadata={"control": control})
 
 
-def _choices(kind: Any) -> tuple[str, ...]:
-    return get_args(kind)
-
-
 @dataclass(frozen=True)
 class Settings:
     """Everything the form sets for one comparison, in the form's order (and the ``/run`` parameters'). The
@@ -124,7 +120,7 @@ class Settings:
     probes: int = _setting(
         1, Control("Hutchinson probes K", "slider", "advanced", low=1, high=LIMITS.max_probes, whole=True)
     )
-    probe: str = _setting("rademacher", Control("probe", "radio", "advanced", choices=_choices(ProbeKind)))
+    probe: str = _setting("rademacher", Control("probe", "radio", "advanced", choices=get_args(ProbeKind)))
     products: str = _setting(
         "fd",
         Control(
@@ -135,9 +131,9 @@ class Settings:
         ),
     )
     coords: str = _setting(
-        "edm", Control("coordinates of the combination", "radio", "advanced", choices=_choices(Coords))
+        "edm", Control("coordinates of the combination", "radio", "advanced", choices=get_args(Coords))
     )
-    variant: str = _setting("batch", Control("gamma from", "radio", "advanced", choices=_choices(GammaVariant)))
+    variant: str = _setting("batch", Control("gamma from", "radio", "advanced", choices=get_args(GammaVariant)))
     lipschitz: bool = _setting(
         True, Control("Lipschitz constants and error amplification (the trap)", "checkbox", "diagnostics")
     )
